@@ -1,0 +1,21 @@
+"""synthgen: synthetic histopathology data you can train on and share.
+
+The top-level import is light; heavy parts (torch, diffusers, OpenSlide) load on first use.
+"""
+
+from synthgen._lazy import lazy_getattr
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Slide": ".data.slides",
+    "TileSpec": ".data.tiling",
+    "tile_slide": ".data.tiling",
+    "PatchDataset": ".data.datasets",
+    "ImageListDataset": ".data.datasets",
+    "CacheDataset": ".data.cache",
+    "build_cache": ".data.cache",
+    "SynthgenError": ".errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

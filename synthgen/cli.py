@@ -1,0 +1,208 @@
+"""The ``synthgen`` command. Each subcommand is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from synthgen import __version__
+from synthgen.errors import SynthgenError
+
+log = logging.getLogger("synthgen")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="synthgen")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """synthgen: synthetic histopathology data you can train on and share.
+
+    Typical flow: `synthgen tile` slides into a tile table, `synthgen cache` the latents and
+    embeddings of those tiles, then train and generate. Run `synthgen COMMAND --help` for the
+    options of each step.
+    """
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("tiles.csv"), show_default=True,
+              help="Tile table to write (.csv, or .parquet with the 'parquet' extra). A private side file "
+                   "<out>.slides.json maps slide keys to the slide paths.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
+              help="Resolution of the tiles in microns per pixel (0.5 ~ 20x, 0.25 ~ 40x).")
+@click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tile side in pixels at --mpp.")
+@click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Overlap of neighbouring tiles in pixels at --mpp (stride = size - overlap).")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Keep tiles whose tissue fraction is at least this.")
+@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Level-0 resolution of the slides, for files without resolution metadata "
+                   "(overrides the metadata when given).")
+@click.option("--mask-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolution of the tissue-detection thumbnail [default: a tile spans >= 8 px, at most 8 um/px].")
+@click.option("--keep-names", is_flag=True,
+              help="Use file names as slide keys instead of content hashes. File names can be patient "
+                   "barcodes: only for data you may share by name.")
+@click.option("--skip-errors", is_flag=True,
+              help="Report unreadable slides and slides without tissue, and go on with the others "
+                   "(exit status 1 if any was skipped).")
+@click.option("--preview", type=click.Path(path_type=Path), default=None,
+              help="Folder for one PNG per slide showing the kept tiles on the thumbnail.")
+def tile(inputs, out, mpp, size, overlap, min_tissue, slide_mpp, mask_mpp, keep_names, skip_errors, preview):
+    """Detect tissue and cut INPUTS (slide files or folders of slides) into a tile table.
+
+    The table has one row per tile: slide_key, x, y (level-0 pixels), mpp, size and
+    tissue_fraction. Slide keys are content hashes, so file names never enter the table.
+
+    Example: synthgen tile CMU-1-Small-Region.svs --mpp 1.0 --size 128 -o tiles.csv
+    """
+    from tqdm.auto import tqdm
+
+    from synthgen.data.slides import Slide, slide_key
+    from synthgen.data.tiling import TileSpec, find_slides, tile_slide, write_tile_table
+
+    try:
+        spec = TileSpec(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, mask_mpp=mask_mpp)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    paths = find_slides(inputs)
+    if not paths:
+        raise click.UsageError(f"no slide or image files found in {', '.join(map(str, inputs))}")
+    tiles, slides, failed = [], {}, []
+    for path in tqdm(paths, desc="tiling", unit="slide", disable=len(paths) < 2):
+        try:
+            with Slide(path, mpp=slide_mpp) as s:
+                key = slide_key(path, hashed=not keep_names)
+                if key in slides and slides[key]["path"] != str(path.resolve()):
+                    raise SynthgenError(f"{path}: same slide key {key} as {slides[key]['path']} (duplicate file?)")
+                found = tile_slide(s, spec, key)
+                if preview is not None:
+                    _write_preview(s, spec, found, preview / f"{key}.png")
+        except SynthgenError as e:
+            if not skip_errors:
+                raise
+            failed.append(str(e))
+            click.echo(f"skipped: {e}", err=True)
+            continue
+        tiles += found
+        slides[key] = {"path": str(path.resolve()), **s.info()}
+        log.info("%s: %d tiles", key, len(found))
+    if not tiles:
+        raise SynthgenError("no tiles from any input slide")
+    write_tile_table(tiles, out, slides)
+    click.echo(f"{len(tiles)} tiles from {len(slides)} slide(s) at {mpp} um/px, {size} px -> {out}")
+    if failed:
+        click.echo(f"{len(failed)} slide(s) skipped", err=True)
+        sys.exit(1)
+
+
+def _write_preview(slide, spec, tiles, path: Path) -> None:
+    """Thumbnail with the kept tiles outlined, for a quick visual check."""
+    from PIL import Image, ImageDraw
+
+    tmpp = max(slide.mpp, max(slide.dimensions) * slide.mpp / 1024)  # longest side ~1024 px
+    img = Image.fromarray(slide.thumbnail(tmpp))
+    draw = ImageDraw.Draw(img)
+    f = slide.mpp / tmpp
+    side = spec.size * spec.mpp / tmpp
+    for t in tiles:
+        draw.rectangle([t.x * f, t.y * f, t.x * f + side, t.y * f + side], outline=(0, 160, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Cache folder. Rerunning with the same options resumes; other options refuse.")
+@click.option("-e", "--encoder", "encoders", multiple=True, required=True, metavar="NAME=MODULE:FACTORY",
+              help="An encoder to cache under NAME: MODULE:FACTORY is a zero-argument callable returning a "
+                   "function uint8 (B,3,H,W) -> tensor (B,...). Repeat for several (e.g. latents=... and uni=...). "
+                   "Use the name 'latents' for VAE latents.")
+@click.option("--slides", "slides_json", type=click.Path(exists=True, path_type=Path), default=None,
+              help="JSON mapping slide keys to paths, when the table's .slides.json side file is elsewhere.")
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="For a folder of images: resize every image to this square size (batches need equal sizes).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Items per shard file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DataLoader worker processes reading images.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Storage dtype of the features.")
+def cache(source, out, encoders, slides_json, size, shard_size, batch_size, num_workers, dtype):
+    """Encode SOURCE (a tile table from `synthgen tile`, or an image folder) into a feature cache.
+
+    Writes sharded safetensors files with one tensor per encoder, atomically; a killed run
+    resumes from the last finished shard. Training reads the cache instead of re-encoding.
+    """
+    import json
+
+    import torch
+
+    from synthgen.data.cache import build_cache
+    from synthgen.data.datasets import ImageListDataset, PatchDataset
+
+    fns = {}
+    for spec in encoders:
+        name, sep, target = spec.partition("=")
+        if not sep or not name or ":" not in target:
+            raise click.BadParameter(f"{spec!r}: expected NAME=MODULE:FACTORY", param_hint="--encoder")
+        fns[name] = _load_factory(target)()
+    if source.is_dir():
+        dataset = ImageListDataset.from_folder(source, size=size)
+    else:
+        slides = json.loads(slides_json.read_text()) if slides_json else None
+        dataset = PatchDataset(source, slides=slides)
+    fingerprint = {"source": _file_digest(source) if source.is_file() else f"folder:{len(dataset)}",
+                   "encoders": dict(sorted((spec.partition('=')[0], spec.partition('=')[2]) for spec in encoders)),
+                   "size": size}
+    build_cache(dataset, out, fns, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
+                dtype=getattr(torch, dtype), fingerprint=fingerprint)
+    click.echo(f"{len(dataset)} items cached -> {out}")
+
+
+def _load_factory(target: str):
+    module, _, attr = target.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise click.BadParameter(f"cannot import {target!r} ({e})", param_hint="--encoder") from e
+    if not callable(obj):
+        raise click.BadParameter(f"{target!r} is not callable", param_hint="--encoder")
+    return obj
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns synthgen errors into one-line messages."""
+    try:
+        cli.main(args=argv, prog_name="synthgen", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except SynthgenError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:  # disk full, permission denied: name the file
+        click.echo(f"Error: {e.filename or ''}: {e.strerror or e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Feature cache: VAE latents and conditioning embeddings computed once, read by training.
+
+A cache is a folder::
+
+    config.json             what was encoded and how (checked on every rerun)
+    shard-00000.safetensors one tensor per encoder (n, ...), plus "index" and "label"
+    shard-00001.safetensors
+    index.json              written last: shard list, item counts, sha256 of each shard
+
+Shards are written to a temporary file and renamed, so a killed run leaves only whole shards;
+a rerun with the same configuration skips them. ``index.json`` exists only once every shard
+is done, and :class:`CacheDataset` refuses a cache without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from synthgen.errors import CacheError
+
+FORMAT_VERSION = 1
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_path(out_dir: Path, i: int) -> Path:
+    return out_dir / f"shard-{i:05d}.safetensors"
+
+
+def build_cache(
+    dataset: Dataset,
+    out_dir: str | os.PathLike,
+    encoders: Mapping[str, Encoder],
+    *,
+    shard_size: int = 1024,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
+    fingerprint: Mapping | None = None,
+    progress: bool = True,
+) -> Path:
+    """Encode every item of ``dataset`` with every encoder into sharded safetensors files.
+
+    Args:
+        dataset: map-style dataset of dicts with ``image`` (uint8, 3 x H x W) and optionally
+            ``label`` (e.g. :class:`~synthgen.data.PatchDataset`).
+        out_dir: cache folder (created).
+        encoders: name -> callable taking a uint8 batch (B, 3, H, W) and returning a float
+            tensor (B, ...). Encoders own their preprocessing. ``latents`` is the name the
+            trainer reads VAE latents from.
+        shard_size: items per shard file.
+        batch_size, num_workers: DataLoader settings for reading images.
+        dtype: floating dtype stored on disk (float16 halves the size).
+        fingerprint: extra JSON-able facts identifying the data and encoders (e.g. the tile
+            table's hash and the encoder checkpoints); a rerun with other facts refuses.
+        progress: show a progress bar.
+
+    Returns:
+        The cache folder.
+
+    Raises:
+        CacheError: the folder holds a cache of another configuration, or an encoder
+            returned NaN/Inf (the message names the encoder and the items).
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if not encoders:
+        raise CacheError("build_cache: give at least one encoder")
+    if shard_size <= 0 or batch_size <= 0:
+        raise CacheError(f"build_cache: shard_size and batch_size must be positive (got {shard_size}, {batch_size})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    if n == 0:
+        raise CacheError("build_cache: the dataset is empty")
+    config = {
+        "format_version": FORMAT_VERSION,
+        "num_items": n,
+        "shard_size": shard_size,
+        "encoders": sorted(encoders),
+        "dtype": str(dtype).removeprefix("torch."),
+        "fingerprint": dict(fingerprint or {}),
+    }
+    config_file = out / "config.json"
+    if config_file.exists():
+        old = json.loads(config_file.read_text())
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise CacheError(
+                f"{out}: holds a cache built with another configuration (differs in: {', '.join(diff)}); "
+                "use a new folder or delete this one"
+            )
+    else:
+        _atomic_write_text(config_file, json.dumps(config, indent=1, sort_keys=True))
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    num_shards = (n + shard_size - 1) // shard_size
+    todo = [s for s in range(num_shards) if not _shard_ok(shard_path(out, s), config_hash)]
+    bar = tqdm(total=n, desc="caching", unit="img", disable=not progress)
+    bar.update(n - sum(min(shard_size, n - s * shard_size) for s in todo))
+    for s in todo:
+        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoders}
+        labels: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for batch in loader:
+                images = batch["image"]
+                if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                    raise CacheError(f"dataset items must have 'image' as uint8 3xHxW, got {images.dtype} "
+                                     f"{tuple(images.shape[1:])}")
+                for name, enc in encoders.items():
+                    feats = enc(images)
+                    if not torch.isfinite(feats).all():
+                        bad = (~torch.isfinite(feats.flatten(1))).any(1).nonzero().flatten()
+                        done = sum(len(p) for p in parts[name])
+                        idx = [lo + done + int(i) for i in bad][:5]
+                        raise CacheError(f"encoder {name!r} returned NaN/Inf for dataset item(s) {idx} "
+                                         f"(shard {s}); nothing of this shard was written")
+                    parts[name].append(feats.detach().to("cpu", dtype if feats.is_floating_point() else feats.dtype))
+                if "label" in batch:
+                    labels.append(torch.as_tensor(batch["label"]).long())
+                bar.update(len(images))
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        tensors["index"] = torch.arange(lo, hi, dtype=torch.long)
+        if labels:
+            tensors["label"] = torch.cat(labels)
+        tmp = out / f".shard-{s:05d}.tmp-{os.getpid()}"
+        # one metadata key: safetensors stores metadata as a hash map, whose order varies by process
+        save_file(tensors, str(tmp), metadata={"config_hash": config_hash})
+        os.replace(tmp, shard_path(out, s))
+    bar.close()
+    _write_index(out, num_shards, n, config_hash)
+    return out
+
+
+def _shard_ok(path: Path, config_hash: str) -> bool:
+    if not path.exists():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("config_hash") == config_hash
+    except Exception:
+        return False  # unreadable leftovers are recomputed
+
+
+def _write_index(out: Path, num_shards: int, n: int, config_hash: str) -> None:
+    from safetensors import safe_open
+
+    shards = []
+    for s in range(num_shards):
+        p = shard_path(out, s)
+        with safe_open(str(p), framework="pt") as f:
+            count = f.get_slice("index").get_shape()[0]
+            shapes = {k: f.get_slice(k).get_shape()[1:] for k in f.keys()}
+        shards.append({"file": p.name, "count": count, "sha256": _sha256(p)})
+    if sum(s["count"] for s in shards) != n:
+        raise CacheError(f"{out}: shards hold {sum(s['count'] for s in shards)} items, expected {n}")
+    index = {"format_version": FORMAT_VERSION, "config_hash": config_hash, "num_items": n,
+             "keys": sorted(shapes), "item_shapes": shapes, "shards": shards}
+    _atomic_write_text(out / "index.json", json.dumps(index, indent=1))
+
+
+class CacheDataset(Dataset):
+    """Items of a finished feature cache: dicts of tensors (one per encoder, ``index``, ``label``).
+
+    Shards are opened lazily per process and read by memory map, so random access is cheap and
+    DataLoader workers do not share handles.
+
+    Args:
+        cache_dir: a folder written by :func:`build_cache`.
+        keys: tensors to return (default: all).
+
+    Raises:
+        CacheError: no ``index.json`` (the cache is unfinished) or a shard is missing.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, keys: list[str] | None = None):
+        self.root = Path(cache_dir)
+        index_file = self.root / "index.json"
+        if not index_file.exists():
+            raise CacheError(f"{self.root}: no index.json; the cache is missing or unfinished "
+                             "(rerun `synthgen cache`, it resumes)")
+        self.index = json.loads(index_file.read_text())
+        unknown = sorted(set(keys or []) - set(self.index["keys"]))
+        if unknown:
+            raise CacheError(f"{self.root}: cache has no {', '.join(unknown)} (has {', '.join(self.index['keys'])})")
+        self.keys = list(keys) if keys is not None else list(self.index["keys"])
+        self._starts = []
+        total = 0
+        for s in self.index["shards"]:
+            if not (self.root / s["file"]).exists():
+                raise CacheError(f"{self.root / s['file']}: shard listed in index.json is missing")
+            self._starts.append(total)
+            total += s["count"]
+        self._n = total
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        import bisect
+
+        if not 0 <= i < self._n:
+            raise IndexError(f"index {i} out of range for cache of {self._n} items")
+        s = bisect.bisect_right(self._starts, i) - 1
+        return s, i - self._starts[s]
+
+    def _handle(self, s: int):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if s not in self._handles:
+            self._handles[s] = safe_open(str(self.root / self.index["shards"][s]["file"]), framework="pt")
+        return self._handles[s]
+
+    def __getitem__(self, i: int) -> dict:
+        s, j = self._locate(i)
+        f = self._handle(s)
+        item = {k: f.get_slice(k)[j : j + 1][0] for k in self.keys}
+        for k in ("index", "label"):
+            if k in item:
+                item[k] = int(item[k])
+        return item
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def verify(self) -> None:
+        """Re-hash every shard against index.json; raises CacheError naming a changed shard."""
+        for s in self.index["shards"]:
+            if _sha256(self.root / s["file"]) != s["sha256"]:
+                raise CacheError(f"{self.root / s['file']}: checksum differs from index.json (modified or corrupt)")

@@ -1,0 +1,23 @@
+"""Exceptions raised by synthgen. Each message names the file or field and the problem."""
+
+from __future__ import annotations
+
+
+class SynthgenError(Exception):
+    """Base class of every error synthgen raises on purpose."""
+
+
+class SlideError(SynthgenError):
+    """A slide or image file cannot be opened or read (missing, corrupt, no resolution)."""
+
+
+class TissueError(SynthgenError):
+    """No tissue was found where tissue was required."""
+
+
+class MaskError(SynthgenError):
+    """A mask or annotation does not fit its patch (size, dtype, geometry)."""
+
+
+class CacheError(SynthgenError):
+    """A feature cache is inconsistent, incomplete or was built with another configuration."""
