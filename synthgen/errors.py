@@ -21,3 +21,7 @@ class MaskError(SynthgenError):
 
 class CacheError(SynthgenError):
     """A feature cache is inconsistent, incomplete or was built with another configuration."""
+
+
+class CheckpointError(SynthgenError):
+    """A checkpoint does not match the model it is loaded into (names the keys)."""

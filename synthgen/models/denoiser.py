@@ -1,0 +1,262 @@
+"""Conditioned diffusion transformer: diffusers' PixArt transformer with PixCell's conditioning.
+
+The backbone is :class:`diffusers.PixArtTransformer2DModel` unchanged (patch embedding,
+adaLN-single blocks with self- and cross-attention, final modulation). What synthgen adds is
+how the cross-attention sequence is built from conditions:
+
+- **embedding tokens** (B, N, C) from an image encoder (UNI-style), with a sin-cos positional
+  embedding when N > 1 (PixCell-1024 uses a 4x4 grid of crops: N = 16);
+- **class labels** (B,) through a learned class table, one token;
+- **text tokens** (B, T, C_text) projected to C.
+
+All tokens share PixArt's caption MLP. Each condition kind has a learned null value stored in
+the model (``caption_projection.uncond_embedding`` for embeddings, as in PixCell; the extra
+last row of ``class_embedding``; ``uncond_text``) so classifier-free guidance needs nothing
+outside the weights. With only embedding tokens the module names and the forward pass are
+exactly those of PixCell's ``PixCellTransformer2DModel``, so its checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import PixArtAlphaTextProjection
+from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+from torch import nn
+
+from synthgen.models.loading import StrictLoadMixin
+
+
+def condition_pos_embed(dim: int, grid: int, base_size: int, interpolation_scale: float, phase: float) -> torch.Tensor:
+    """2-D sin-cos embedding of a grid x grid token layout, (grid*grid, dim).
+
+    PixCell's variant of the PixArt/MAE embedding: positions are scaled to ``base_size`` and
+    shifted by ``phase``; the first half of the channels encodes the column, the second the row.
+    """
+    if dim % 4:
+        raise ValueError(f"condition embedding dim {dim} must be divisible by 4 for a 2-D sin-cos embedding")
+    pos = torch.arange(grid, dtype=torch.float32) / (grid / base_size) / interpolation_scale
+    gw, gh = torch.meshgrid(pos, pos, indexing="xy")  # gw varies along columns
+
+    def one_d(d: int, p: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = torch.outer(p.reshape(-1).double() + phase, omega)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([one_d(dim // 2, gw), one_d(dim // 2, gh)], dim=1).float()
+
+
+class ConditionProjection(PixArtAlphaTextProjection):
+    """PixArt's caption MLP plus the learned null embedding used for guidance (PixCell layout)."""
+
+    def __init__(self, in_features: int, hidden_size: int, num_tokens: int = 1):
+        super().__init__(in_features=in_features, hidden_size=hidden_size, act_fn="gelu_tanh")
+        self.uncond_embedding = nn.Parameter(torch.randn(num_tokens, in_features) / in_features**0.5)
+
+
+class ConditionPosEmbed(nn.Module):
+    """Adds a fixed sin-cos embedding to a square grid of condition tokens (PixCell's y_pos_embed)."""
+
+    def __init__(self, num_tokens: int, dim: int, base_size: int, interpolation_scale: float = 2.0):
+        super().__init__()
+        grid = math.isqrt(num_tokens)
+        if grid * grid != num_tokens:
+            raise ValueError(f"caption_num_tokens={num_tokens} must be a square number (a grid of crops)")
+        pe = condition_pos_embed(dim, grid, base_size, interpolation_scale, phase=base_size // num_tokens)
+        self.register_buffer("y_pos_embed", pe.unsqueeze(0))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens + self.y_pos_embed).to(tokens.dtype)
+
+
+class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
+    """Latent diffusion transformer conditioned on embedding tokens, class labels and/or text.
+
+    Configuration is that of ``PixArtTransformer2DModel`` plus:
+
+    Args:
+        caption_channels: width C of the condition tokens (the image encoder's embedding size).
+        caption_num_tokens: number N of embedding tokens per image (a square: 1, 4, 16, ...).
+        use_embeddings: condition on embedding tokens (False for class- or text-only models;
+            ``caption_channels`` then only sets the width of the class/text tokens).
+        num_classes: number of class labels (0: no class conditioning). Label ``num_classes``
+            (or -1) is the null class used for guidance.
+        text_channels: width of text-encoder tokens (None: no text conditioning).
+        text_num_tokens: text tokens per prompt.
+        cond_interpolation_scale: scale of the embedding-token positional embedding (PixCell: 2).
+
+    Use ``save_pretrained`` / ``from_pretrained`` (diffusers layout; a local folder or a hub id,
+    ``subfolder="transformer"`` for pipeline repositories). Loading is strict: missing or
+    unexpected keys raise :class:`~synthgen.errors.CheckpointError` naming them.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        in_channels: int = 4,
+        out_channels: int | None = 8,
+        num_layers: int = 28,
+        dropout: float = 0.0,
+        norm_num_groups: int = 32,
+        cross_attention_dim: int | None = 1152,
+        attention_bias: bool = True,
+        sample_size: int = 128,
+        patch_size: int = 2,
+        activation_fn: str = "gelu-approximate",
+        num_embeds_ada_norm: int | None = 1000,
+        upcast_attention: bool = False,
+        norm_type: str = "ada_norm_single",
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-6,
+        interpolation_scale: float | None = None,
+        use_additional_conditions: bool | None = False,
+        caption_channels: int | None = None,
+        attention_type: str | None = "default",
+        caption_num_tokens: int = 1,
+        use_embeddings: bool = True,
+        num_classes: int = 0,
+        text_channels: int | None = None,
+        text_num_tokens: int = 1,
+        cond_interpolation_scale: float = 2.0,
+    ):
+        if caption_channels is None:
+            raise ValueError("Denoiser needs caption_channels (the width of the condition tokens)")
+        inner = num_attention_heads * attention_head_dim
+        if cross_attention_dim != inner:
+            raise ValueError(f"cross_attention_dim ({cross_attention_dim}) must equal heads x head_dim ({inner})")
+        if not (use_embeddings or num_classes or text_channels):
+            raise ValueError("Denoiser needs at least one condition: embeddings, classes or text")
+        super().__init__(
+            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+            in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, dropout=dropout,
+            norm_num_groups=norm_num_groups, cross_attention_dim=cross_attention_dim,
+            attention_bias=attention_bias, sample_size=sample_size, patch_size=patch_size,
+            activation_fn=activation_fn, num_embeds_ada_norm=num_embeds_ada_norm,
+            upcast_attention=upcast_attention, norm_type=norm_type,
+            norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
+            interpolation_scale=interpolation_scale, use_additional_conditions=use_additional_conditions,
+            caption_channels=caption_channels, attention_type=attention_type,
+        )
+        self.caption_projection = ConditionProjection(caption_channels, inner, caption_num_tokens)
+        if not use_embeddings:  # the null embedding is only meaningful for embedding tokens
+            del self.caption_projection.uncond_embedding
+        self.y_pos_embed = (
+            ConditionPosEmbed(caption_num_tokens, caption_channels, sample_size // patch_size, cond_interpolation_scale)
+            if use_embeddings and caption_num_tokens > 1 else None
+        )
+        self.class_embedding = nn.Embedding(num_classes + 1, caption_channels) if num_classes else None
+        if self.class_embedding is not None:
+            nn.init.normal_(self.class_embedding.weight, std=caption_channels**-0.5)
+        if text_channels:
+            self.text_projection = nn.Linear(text_channels, caption_channels)
+            self.uncond_text = nn.Parameter(torch.randn(text_num_tokens, text_channels) / text_channels**0.5)
+        else:
+            self.text_projection = None
+
+    # -- conditions ----------------------------------------------------------------------
+    def null_conditions(self, batch_size: int, device=None, dtype=None) -> dict[str, torch.Tensor]:
+        """The learned unconditional inputs, for classifier-free guidance."""
+        cfg = self.config
+        out: dict[str, torch.Tensor] = {}
+        if cfg.use_embeddings:
+            e = self.caption_projection.uncond_embedding
+            out["embeddings"] = e.to(device or e.device, dtype or e.dtype).expand(batch_size, -1, -1)
+        if cfg.num_classes:
+            out["class_labels"] = torch.full((batch_size,), cfg.num_classes, dtype=torch.long, device=device)
+        if cfg.text_channels:
+            t = self.uncond_text
+            out["text"] = t.to(device or t.device, dtype or t.dtype).expand(batch_size, -1, -1)
+        return out
+
+    def drop_conditions(self, drop: torch.Tensor, **conditions: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Replace the conditions of the samples where ``drop`` (B,) is True by the null ones.
+
+        Used for guidance dropout in training and to build mixed conditional/unconditional
+        batches at sampling time.
+        """
+        drop = drop.bool()
+        null = self.null_conditions(len(drop), device=drop.device)
+        out = {}
+        for key, value in conditions.items():
+            if value is None:
+                continue
+            nv = null[key].to(value.dtype) if key != "class_labels" else null[key]
+            mask = drop.view(-1, *([1] * (value.ndim - 1)))
+            out[key] = torch.where(mask, nv, value)
+        return out
+
+    def condition_tokens(
+        self,
+        embeddings: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Build the (B, L, caption_channels) sequence the caption MLP projects.
+
+        Raises:
+            ValueError: a condition the model needs is missing or has the wrong shape.
+        """
+        cfg = self.config
+        parts = []
+        if cfg.use_embeddings:
+            if embeddings is None:
+                raise ValueError("this Denoiser is conditioned on embeddings: pass embeddings (B, N, C) "
+                                 "(use null_conditions() for unconditional samples)")
+            if embeddings.ndim == 2:
+                embeddings = embeddings[:, None]
+            want = (cfg.caption_num_tokens, cfg.caption_channels)
+            if embeddings.ndim != 3 or tuple(embeddings.shape[1:]) != want:
+                raise ValueError(f"embeddings must have shape (B, {want[0]}, {want[1]}), got {tuple(embeddings.shape)}")
+            parts.append(self.y_pos_embed(embeddings) if self.y_pos_embed is not None else embeddings)
+        if cfg.num_classes:
+            if class_labels is None:
+                raise ValueError(f"this Denoiser is conditioned on {cfg.num_classes} classes: pass class_labels (B,)")
+            labels = torch.where(class_labels < 0, cfg.num_classes, class_labels.long())
+            if (labels > cfg.num_classes).any():
+                raise ValueError(f"class labels must be in [0, {cfg.num_classes}) (or -1/{cfg.num_classes} for null), "
+                                 f"got max {int(labels.max())}")
+            parts.append(self.class_embedding(labels)[:, None])
+        if cfg.text_channels:
+            if text is None:
+                raise ValueError("this Denoiser is conditioned on text: pass text (B, T, C_text)")
+            if text.ndim != 3 or tuple(text.shape[1:]) != (cfg.text_num_tokens, cfg.text_channels):
+                raise ValueError(f"text must have shape (B, {cfg.text_num_tokens}, {cfg.text_channels}), "
+                                 f"got {tuple(text.shape)}")
+            parts.append(self.text_projection(text))
+        dtype = self.caption_projection.linear_1.weight.dtype
+        return torch.cat([p.to(dtype) for p in parts], dim=1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        embeddings: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: dict | None = None,
+        cross_attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        """Predict noise / velocity for latents ``hidden_states`` (B, C, H, W) at ``timestep`` (B,).
+
+        ``encoder_hidden_states`` is accepted as another name for ``embeddings`` so that code
+        written for PixArt/PixCell transformers can call this model unchanged.
+        """
+        if embeddings is None:
+            embeddings = encoder_hidden_states
+        tokens = self.condition_tokens(embeddings, class_labels, text)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(hidden_states.shape[0])
+        if self.use_additional_conditions and added_cond_kwargs is None:
+            added_cond_kwargs = {"resolution": None, "aspect_ratio": None}
+        return super().forward(
+            hidden_states, encoder_hidden_states=tokens, timestep=timestep, added_cond_kwargs=added_cond_kwargs,
+            cross_attention_kwargs=cross_attention_kwargs, return_dict=return_dict, **kwargs,
+        )

@@ -1,0 +1,35 @@
+"""Strict loading for diffusers-layout models: a checkpoint that does not fit is an error."""
+
+from __future__ import annotations
+
+from synthgen.errors import CheckpointError
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+class StrictLoadMixin:
+    """``from_pretrained`` that raises when keys are missing or unexpected (diffusers only warns).
+
+    Shape mismatches already raise in diffusers. Pass ``strict=False`` to get diffusers'
+    behaviour back (missing weights stay randomly initialised).
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {_short(missing)}")
+            if unexpected:
+                parts.append(f"unexpected keys: {_short(unexpected)}")
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path}: checkpoint does not match {cls.__name__} "
+                f"({'; '.join(parts)}); check the config, or pass strict=False"
+            )
+        return (model, info) if want_info else model
