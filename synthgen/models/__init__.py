@@ -1,0 +1,13 @@
+"""Models: the VAE, the conditioned denoiser, and their presets."""
+
+from synthgen._lazy import lazy_getattr
+
+_EXPORTS = {
+    "Denoiser": ".denoiser",
+    "VAE": ".vae",
+    "denoiser_config": ".presets",
+    "DENOISER_PRESETS": ".presets",
+    "VAE_PRESETS": ".vae",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

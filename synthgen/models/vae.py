@@ -178,7 +178,10 @@ def vae_loss(vae: VAE, images: torch.Tensor, kl_weight: float = 1e-6,
 @torch.no_grad()
 def reconstruction_metrics(vae: VAE, images: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
     """PSNR (dB) and SSIM of ``decode(encode(images))`` against ``images`` (uint8), in [0, 1] range."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
 
     recons = []
     for i in range(0, len(images), batch_size):
