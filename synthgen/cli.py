@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import sys
 from pathlib import Path
@@ -11,9 +10,11 @@ from pathlib import Path
 import click
 
 from synthgen import __version__
+from synthgen.encoders.load import SPEC_HELP
 from synthgen.errors import SynthgenError
 
 log = logging.getLogger("synthgen")
+
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -123,10 +124,10 @@ def _write_preview(slide, spec, tiles, path: Path) -> None:
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Cache folder. Rerunning with the same options resumes; other options refuse.")
-@click.option("-e", "--encoder", "encoders", multiple=True, required=True, metavar="NAME=MODULE:FACTORY",
-              help="An encoder to cache under NAME: MODULE:FACTORY is a zero-argument callable returning a "
-                   "function uint8 (B,3,H,W) -> tensor (B,...). Repeat for several (e.g. latents=... and uni=...). "
-                   "Use the name 'latents' for VAE latents.")
+@click.option("-e", "--encoder", "encoders", multiple=True, required=True, metavar="NAME=SPEC",
+              help="An encoder to cache under NAME; repeat for several (e.g. latents=vae:DIR and "
+                   "emb=timm:hf-hub:MahmoodLab/UNI2-h). Training reads VAE latents from the name 'latents'. "
+                   "SPEC is " + SPEC_HELP + ".")
 @click.option("--slides", "slides_json", type=click.Path(exists=True, path_type=Path), default=None,
               help="JSON mapping slide keys to paths, when the table's .slides.json side file is elsewhere.")
 @click.option("--size", type=click.IntRange(min=1), default=None,
@@ -149,13 +150,17 @@ def cache(source, out, encoders, slides_json, size, shard_size, batch_size, num_
 
     from synthgen.data.cache import build_cache
     from synthgen.data.datasets import ImageListDataset, PatchDataset
+    from synthgen.encoders.load import load_encoder
 
     fns = {}
     for spec in encoders:
         name, sep, target = spec.partition("=")
         if not sep or not name or ":" not in target:
-            raise click.BadParameter(f"{spec!r}: expected NAME=MODULE:FACTORY", param_hint="--encoder")
-        fns[name] = _load_factory(target)()
+            raise click.BadParameter(f"{spec!r}: expected NAME=SPEC", param_hint="--encoder")
+        try:
+            fns[name] = load_encoder(target)
+        except SynthgenError as e:
+            raise click.BadParameter(str(e), param_hint="--encoder") from e
     if source.is_dir():
         dataset = ImageListDataset.from_folder(source, size=size)
     else:
@@ -167,19 +172,6 @@ def cache(source, out, encoders, slides_json, size, shard_size, batch_size, num_
     build_cache(dataset, out, fns, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
                 dtype=getattr(torch, dtype), fingerprint=fingerprint)
     click.echo(f"{len(dataset)} items cached -> {out}")
-
-
-def _load_factory(target: str):
-    module, _, attr = target.partition(":")
-    try:
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise click.BadParameter(f"cannot import {target!r} ({e})", param_hint="--encoder") from e
-    if not callable(obj):
-        raise click.BadParameter(f"{target!r} is not callable", param_hint="--encoder")
-    return obj
 
 
 def _file_digest(path: Path) -> str:

@@ -122,3 +122,24 @@ def test_killed_cache_resumes_to_identical_content(table, tmp_path):
         b = load_file(tmp_path / "clean" / s["file"])
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list((tmp_path / "killed").glob(".*tmp*"))
+
+
+def test_cli_builtin_encoder_kinds(table, tmp_path):
+    """`synthgen cache -e latents=vae:DIR -e emb=ssl:DIR` caches what those models compute."""
+    from synthgen.cli import main
+    from synthgen.encoders.ssl import SSLEncoder
+    from synthgen.models.presets import encoder_config
+    from synthgen.models.vae import VAE
+
+    torch.manual_seed(0)
+    vae, enc = VAE.from_preset("tiny").eval(), SSLEncoder(**encoder_config("tiny")).eval()
+    vae.save_pretrained(tmp_path / "vae")
+    enc.save_pretrained(tmp_path / "ssl")
+    main(["cache", str(table), "-o", str(tmp_path / "c"), "-e", f"latents=vae:{tmp_path / 'vae'}",
+          "-e", f"emb=ssl:{tmp_path / 'ssl'}", "--num-workers", "0", "--shard-size", "50"])
+    cache = CacheDataset(tmp_path / "c")
+    img = PatchDataset(table)[7]["image"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(cache[7]["latents"], vae.encode(img)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache[7]["emb"], enc(img)[0], rtol=1e-5, atol=1e-5)
+    assert cache[7]["latents"].shape == (4, 16, 16) and cache[7]["emb"].shape == (1, 32)

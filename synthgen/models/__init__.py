@@ -7,7 +7,9 @@ _EXPORTS = {
     "VAE": ".vae",
     "denoiser_config": ".presets",
     "DENOISER_PRESETS": ".presets",
-    "VAE_PRESETS": ".vae",
+    "VAE_PRESETS": ".presets",
+    "vae_config": ".presets",
+    "encoder_config": ".presets",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

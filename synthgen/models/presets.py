@@ -2,7 +2,8 @@
 
 ``tiny`` is for tests (a few thousand parameters), ``small`` is the CPU default that the
 project trains itself, ``pixcell-256`` / ``pixcell-1024`` match the released PixCell
-transformers (PixArt-XL/2 with UNI2-h conditioning, SD3.5 VAE latents) for GPU machines.
+transformers (PixArt-XL/2 with UNI2-h conditioning) and ``sd3`` the SD3/SD3.5 VAE they use,
+for GPU machines.
 """
 
 from __future__ import annotations
@@ -42,3 +43,50 @@ def denoiser_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 DENOISER_PRESETS = tuple(_DENOISERS)
+
+_VAES: dict[str, dict] = {
+    # 16 px -> 4x4x4 latents; for tests
+    "tiny": dict(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 sample_size=32, scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=False),
+    # CPU default: 8x downsampling, 4 channels (128 px tiles -> 16x16x4), about 3.8 M parameters
+    "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
+                  norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=1.0,
+                  shift_factor=0.0, mid_block_add_attention=False),
+    # Stable Diffusion 3 / 3.5 VAE (PixCell's): 16 channels, no quant convs
+    "sd3": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=1.5305,
+                shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True),
+}
+
+
+def vae_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for diffusers ``AutoencoderKL`` from a preset."""
+    cfg = _lookup(_VAES, "VAE", name)
+    cfg.update(overrides)
+    return cfg
+
+
+VAE_PRESETS = tuple(_VAES)
+
+_ENCODERS: dict[str, dict[str, Any]] = {
+    "tiny": dict(input_size=32, width=8, dim=32, proj_dim=32),
+    # CPU default: 128 px input, about 1.4 M parameters, 256-d embedding
+    "small": dict(input_size=128, width=32, dim=256, proj_dim=128),
+}
+
+
+def encoder_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for :class:`~synthgen.encoders.ssl.SSLEncoder` from a preset.
+
+    Published foundation models (UNI, UNI2-h, Virchow2, H-optimus-0) are presets of
+    :class:`~synthgen.encoders.timm_encoder.TimmEncoder` (``TIMM_PRESETS``).
+    """
+    cfg = _lookup(_ENCODERS, "encoder", name)
+    cfg.update(overrides)
+    return cfg
+
+
+ENCODER_PRESETS = tuple(_ENCODERS)

@@ -17,24 +17,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from synthgen.models.loading import StrictLoadMixin
-
-_VAES: dict[str, dict] = {
-    # 16 px -> 4x4x4 latents; for tests
-    "tiny": dict(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                 sample_size=32, scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=False),
-    # CPU default: 8x downsampling, 4 channels (128 px tiles -> 16x16x4), about 2.6 M parameters
-    "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
-                  norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=1.0,
-                  shift_factor=0.0, mid_block_add_attention=False),
-    # Stable Diffusion 3 / 3.5 VAE (PixCell's): 16 channels, no quant convs
-    "sd3": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-                norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=1.5305,
-                shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True),
-}
-VAE_PRESETS = tuple(_VAES)
+from synthgen.models.presets import vae_config
 
 
 class StrictAutoencoderKL(StrictLoadMixin, AutoencoderKL):
@@ -75,9 +58,7 @@ class VAE(nn.Module):
     # -- construction --------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> VAE:
-        if name not in _VAES:
-            raise ValueError(f"unknown VAE preset {name!r}; choose one of: {', '.join(_VAES)}")
-        return cls(StrictAutoencoderKL(**{**_VAES[name], **overrides}))
+        return cls(StrictAutoencoderKL(**vae_config(name, **overrides)))
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, subfolder: str | None = None, **kwargs) -> VAE:
