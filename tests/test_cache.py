@@ -41,7 +41,7 @@ def test_cache_round_trip(table, tmp_path):
     assert len(cache) == len(ds)
     index = json.loads((out / "index.json").read_text())
     assert len(index["shards"]) == (len(ds) + 39) // 40
-    assert index["item_shapes"]["latents"] == [3, 8, 8] and index["item_shapes"]["emb"] == [4, 6]
+    assert index["item_shapes"]["latents"] == [3, 8, 8] and index["item_shapes"]["emb"] == [4, 8]
     for i in (0, 39, 40, len(ds) - 1):
         item = cache[i]
         img = ds[i]["image"][None]
@@ -49,7 +49,7 @@ def test_cache_round_trip(table, tmp_path):
         torch.testing.assert_close(item["latents"], pooled_latents()(img)[0], rtol=0, atol=0)
         torch.testing.assert_close(item["emb"], color_tokens()(img)[0], rtol=0, atol=0)
     batch = next(iter(DataLoader(cache, batch_size=8, shuffle=True, num_workers=2)))
-    assert batch["latents"].shape == (8, 3, 8, 8) and batch["emb"].shape == (8, 4, 6)
+    assert batch["latents"].shape == (8, 3, 8, 8) and batch["emb"].shape == (8, 4, 8)
     cache.verify()
     with pytest.raises(CacheError, match="cache has no vae"):
         CacheDataset(out, keys=["vae"])

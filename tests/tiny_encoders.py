@@ -15,10 +15,11 @@ def pooled_latents():
 
 
 def color_tokens():
-    """'Embedding-like': 4 tokens (2x2 grid) of 6 colour statistics each."""
+    """'Embedding-like': 4 tokens (2x2 grid) of 8 colour statistics each (RGB + gray mean and std)."""
     def enc(images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255
-        grid = F.adaptive_avg_pool2d(x, 2).flatten(2).transpose(1, 2)  # (B, 4, 3)
+        x = torch.cat([x, x.mean(1, keepdim=True)], 1)
+        grid = F.adaptive_avg_pool2d(x, 2).flatten(2).transpose(1, 2)  # (B, 4, 4)
         sq = F.adaptive_avg_pool2d(x * x, 2).flatten(2).transpose(1, 2)
         return torch.cat([grid, (sq - grid**2).clamp_min(0).sqrt()], -1)
     return enc

@@ -260,3 +260,21 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
             hidden_states, encoder_hidden_states=tokens, timestep=timestep, added_cond_kwargs=added_cond_kwargs,
             cross_attention_kwargs=cross_attention_kwargs, return_dict=return_dict, **kwargs,
         )
+
+    def resized(self, sample_size: int) -> Denoiser:
+        """The same weights at another latent size, for progressive-resolution training.
+
+        The image positional embedding is a fixed sin-cos function, rebuilt for the new grid with
+        ``interpolation_scale`` grown in proportion (PixArt/PixCell: 0.5 at 256 px, 2 at 1024 px),
+        so the new grid spans the same range of positions as the old one at the old scale.
+        """
+        cfg = dict(self.config)
+        old = cfg["sample_size"]
+        scale = cfg.get("interpolation_scale") or max(old // 64, 1)
+        cfg.update(sample_size=sample_size, interpolation_scale=scale * sample_size / old)
+        new = type(self).from_config(cfg)
+        state = {k: v for k, v in self.state_dict().items() if k != "y_pos_embed.y_pos_embed"}
+        missing, unexpected = new.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if k != "y_pos_embed.y_pos_embed"]:
+            raise RuntimeError(f"resize lost weights: missing {missing}, unexpected {unexpected}")
+        return new.to(self.device, self.dtype)

@@ -1,0 +1,305 @@
+"""Typed, validated configuration. YAML is only the file format.
+
+Configs are frozen dataclasses. :func:`from_dict` builds one from plain data and reports every
+problem with the dotted path of the field and what is allowed::
+
+    optim.lr: expected a number, got 'fast'
+    objective.kind: 'eps' is not one of epsilon, v_prediction, flow
+    model.presett: unknown field (allowed: preset, overrides, pretrained)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from synthgen.errors import SynthgenError
+
+
+class ConfigError(SynthgenError, ValueError):
+    """A configuration value is missing, unknown or invalid (the message names the field)."""
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a mapping", list: "a list", tuple: "a list"}.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp, path: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-4 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (dict,):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass ``cls`` from ``data``, checking names, types and choices recursively."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{where}: unknown field (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required field is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg) -> dict:
+    """Plain data (lists, dicts) of a config, for YAML/JSON."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _positive(path: str, value, what="positive") -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{path}: must be {what}, got {value}")
+
+
+# -- training ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train: a preset plus overrides, optionally starting from a folder."""
+
+    preset: str = "small"
+    overrides: dict = field(default_factory=dict)
+    pretrained: str | None = None  # a saved model folder to fine-tune or continue from
+    sample_size: int | None = None  # denoiser: continue at another latent size (progressive resolution)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from.
+
+    Denoiser: ``cache`` (a feature cache with ``latents`` and ``embedding_key``), or ``tiles`` /
+    ``images`` encoded on the fly with ``vae`` and ``encoder``. VAE and SSL: ``tiles`` or ``images``.
+    """
+
+    cache: str | None = None
+    tiles: str | None = None
+    images: str | None = None
+    size: int | None = None  # resize folder images to this square size
+    embedding_key: str = "emb"
+    use_labels: bool = False  # class-conditional denoiser: read "label" from the cache/dataset
+    vae: str | None = None  # VAE folder: on-the-fly latents and decoded sample grids
+    encoder: str | None = None  # encoder spec for on-the-fly embeddings (see synthgen cache --help)
+    num_workers: int = 2
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        _positive("data.size", self.size)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Diffusion objective (denoiser only).
+
+    ``epsilon`` and ``v_prediction`` use a DDPM noise schedule of ``num_train_timesteps`` steps;
+    ``flow`` is rectified flow (x_t = (1 - t) x_0 + t noise, target noise - x_0).
+    Timestep sampling: ``uniform``, or ``logit_normal`` (SD3; concentrates on middle noise levels).
+    """
+
+    kind: Literal["epsilon", "v_prediction", "flow"] = "epsilon"
+    timesteps: Literal["uniform", "logit_normal"] = "uniform"
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    cfg_dropout: float = 0.1  # probability of replacing a condition by the learned null
+    kl_weight: float = 1e-6  # VAE only
+    temperature: float = 0.2  # SSL only
+
+    def __post_init__(self):
+        _positive("objective.num_train_timesteps", self.num_train_timesteps)
+        if not 0 <= self.cfg_dropout < 1:
+            raise ConfigError(f"objective.cfg_dropout: must be in [0, 1), got {self.cfg_dropout}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = 1.0
+    batch_size: int = 32  # per process
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        _positive("optim.batch_size", self.batch_size)
+        _positive("optim.grad_accum", self.grad_accum)
+        _positive("optim.grad_clip", self.grad_clip)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: expected two numbers, got {list(self.betas)}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA fine-tuning (peft) of a pretrained denoiser; rank 0 trains all weights."""
+
+    rank: int = 0
+    alpha: float | None = None  # default: rank
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Load from YAML with :func:`load_train_config`."""
+
+    task: Literal["denoiser", "vae", "ssl"]
+    output_dir: str
+    steps: int
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.999  # 0 disables EMA
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # steps between PNG sample grids (0: only at the end)
+    num_samples: int = 8
+
+    def __post_init__(self):
+        _positive("steps", self.steps)
+        _positive("checkpoint_every", self.checkpoint_every)
+        _positive("keep_checkpoints", self.keep_checkpoints)
+        _positive("log_every", self.log_every)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.sample_every < 0:
+            raise ConfigError(f"sample_every: must be >= 0, got {self.sample_every}")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["optim.lr=1e-3", "steps=10"]`` -> nested dict (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r}: expected key=value (e.g. optim.lr=1e-4)")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Read a YAML training config, apply ``key=value`` overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file or invalid field (the message names the field).
+    """
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: no such config file") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    if overrides:
+        data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+    return from_dict(TrainConfig, data)

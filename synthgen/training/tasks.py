@@ -1,0 +1,273 @@
+"""What each model type needs from the one training loop.
+
+A task is an ``nn.Module`` whose ``forward(batch, generator)`` returns the loss, so that
+accelerate's DDP/FSDP wrapper sees every trainable parameter through one forward call. Its
+``net`` is the model that is saved, averaged by EMA and sampled from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from synthgen.config import ConfigError, TrainConfig
+
+log = logging.getLogger("synthgen.training")
+
+
+def image_dataset(cfg: TrainConfig) -> Dataset:
+    """Images from ``data.tiles`` (a tile table) or ``data.images`` (a folder)."""
+    from synthgen.data.datasets import ImageListDataset, PatchDataset
+
+    if cfg.data.tiles:
+        return PatchDataset(cfg.data.tiles)
+    if cfg.data.images:
+        return ImageListDataset.from_folder(cfg.data.images, size=cfg.data.size)
+    raise ConfigError(f"data: task {cfg.task!r} needs data.tiles (a tile table) or data.images (a folder)")
+
+
+def _save_grid(images_uint8: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """(B, 3, H, W) uint8 -> one PNG grid."""
+    import numpy as np
+    from PIL import Image
+
+    b, _, h, w = images_uint8.shape
+    ncol = min(nrow, b)
+    rows = (b + ncol - 1) // ncol
+    grid = np.full((rows * h, ncol * w, 3), 255, np.uint8)
+    for i, img in enumerate(images_uint8.cpu().permute(0, 2, 3, 1).numpy()):
+        r, c = divmod(i, ncol)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+class Task(nn.Module):
+    net: nn.Module
+
+    def dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def save(self, net: nn.Module, path: Path) -> None:
+        net.save_pretrained(path)
+
+    @torch.no_grad()
+    def preview(self, net: nn.Module, path: Path) -> bool:
+        """Write a PNG grid from fixed seeds and conditions; False when there is nothing to show."""
+        return False
+
+
+# -- denoiser ------------------------------------------------------------------------------
+class DenoiserTask(Task):
+    """Latent diffusion denoiser on cached (or on-the-fly) latents and condition embeddings."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        from synthgen.training.objectives import DiffusionObjective
+
+        self.cfg = cfg
+        self.objective = DiffusionObjective(cfg.objective)
+        try:
+            self.net = self._build()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: cannot build the denoiser ({e})") from e
+        self._frozen: dict = {}  # VAE / encoder: a plain dict keeps them out of parameters and checkpoints
+
+    def _build(self) -> nn.Module:
+        from synthgen.models.denoiser import Denoiser
+        from synthgen.models.presets import denoiser_config
+
+        m = self.cfg.model
+        if m.pretrained:
+            net = Denoiser.from_pretrained(m.pretrained)
+            if m.sample_size and m.sample_size != net.config.sample_size:
+                net = net.resized(m.sample_size)
+        else:
+            if self.cfg.lora.rank:
+                raise ConfigError("lora.rank: LoRA fine-tunes a pretrained denoiser; set model.pretrained")
+            net = Denoiser(**denoiser_config(m.preset, **m.overrides))
+        if self.cfg.lora.rank:
+            from peft import LoraConfig
+
+            net.requires_grad_(False)
+            net.add_adapter(LoraConfig(r=self.cfg.lora.rank, lora_alpha=self.cfg.lora.alpha or self.cfg.lora.rank,
+                                       init_lora_weights="gaussian", target_modules=list(self.cfg.lora.target_modules)))
+        return net
+
+    @property
+    def vae(self):
+        if "vae" not in self._frozen and self.cfg.data.vae:
+            from synthgen.models.vae import VAE
+
+            sub = "vae" if (Path(self.cfg.data.vae) / "vae" / "config.json").exists() else None
+            self._frozen["vae"] = VAE.from_pretrained(self.cfg.data.vae, subfolder=sub).eval().requires_grad_(False)
+        return self._frozen.get("vae")
+
+    def dataset(self) -> Dataset:
+        d = self.cfg.data
+        if d.cache:
+            from synthgen.data.cache import CacheDataset
+
+            keys = ["latents"] + ([d.embedding_key] if self.net.config.use_embeddings else [])
+            keys += ["label"] if d.use_labels else []
+            return CacheDataset(d.cache, keys=keys)
+        if not (d.vae and (d.encoder or not self.net.config.use_embeddings)):
+            raise ConfigError("data.cache: missing; without a feature cache the denoiser needs data.vae and "
+                              "data.encoder to encode images on the fly (run `synthgen cache` first for speed)")
+        return image_dataset(self.cfg)
+
+    def _encoder_fn(self):
+        if "encoder" not in self._frozen:
+            from synthgen.encoders.load import load_encoder
+
+            enc = load_encoder(self.cfg.data.encoder)
+            if isinstance(enc, nn.Module):
+                enc.requires_grad_(False)
+            self._frozen["encoder"] = enc
+        return self._frozen["encoder"]
+
+    def conditions(self, batch: dict, device) -> tuple[torch.Tensor, dict]:
+        d, cfg = self.cfg.data, self.net.config
+        if "latents" in batch:
+            x0 = batch["latents"].to(device)
+            emb = batch.get(d.embedding_key)
+        else:  # on the fly: the VAE posterior is sampled (as diffusers' examples do)
+            with torch.no_grad():
+                x0 = self.vae.to(device).encode(batch["image"].to(device), sample=True)
+                enc = self._encoder_fn()
+                emb = enc.to(device)(batch["image"].to(device)) if cfg.use_embeddings else None
+        conds = {}
+        if cfg.use_embeddings:
+            conds["embeddings"] = emb.to(device, torch.float32)
+        if cfg.num_classes:
+            if "label" not in batch:
+                raise ConfigError("data.use_labels: the denoiser is class-conditional but batches carry no 'label'")
+            conds["class_labels"] = torch.as_tensor(batch["label"]).to(device)
+        return x0.float(), conds
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        device = next(self.net.parameters()).device
+        x0, conds = self.conditions(batch, device)
+        p = self.cfg.objective.cfg_dropout
+        if p > 0:
+            drop = (torch.rand(len(x0), generator=generator) < p).to(device)
+            conds = self.net.drop_conditions(drop, **conds)
+        return self.objective.loss(self.net, x0, conds, generator)
+
+    @torch.no_grad()
+    def preview(self, net, path: Path, batch: dict | None = None) -> bool:
+        """Samples for the first items' conditions, fixed seeds 0..n-1, decoded when a VAE is set."""
+        from synthgen.models.vae import to_uint8
+        from synthgen.pipelines.sampling import make_scheduler, sample_latents
+
+        if batch is None or self.vae is None:
+            return False
+        device = next(net.parameters()).device
+        _, conds = self.conditions(batch, device)
+        n = len(next(iter(conds.values())))
+        sched = make_scheduler(self.cfg.objective.kind, "dpm++" if self.cfg.objective.kind != "flow" else "flow-euler",
+                               self.cfg.objective.num_train_timesteps, self.cfg.objective.beta_schedule)
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        was_training = net.training
+        net.eval()
+        z = sample_latents(net, sched, conds, gens, num_steps=20, guidance_scale=2.0 if conds else 1.0)
+        net.train(was_training)
+        _save_grid(to_uint8(self.vae.to(device).decode(z)), path)
+        return True
+
+    def save(self, net, path: Path) -> None:
+        if self.cfg.lora.rank:
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            path.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()},
+                      str(path / "lora_adapter.safetensors"))
+            merged = type(net).from_config(net.config)
+            state = {k: v for k, v in _merged_state_dict(net).items()}
+            merged.load_state_dict(state)
+            merged.save_pretrained(path)
+            return
+        net.save_pretrained(path)
+
+
+def _merged_state_dict(net) -> dict:
+    """Base weights with the LoRA deltas folded in (W + B A alpha / r), under the base names."""
+    import copy
+
+    clone = copy.deepcopy(net)
+    for module in clone.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
+    state = {}
+    for k, v in clone.state_dict().items():
+        if "lora_" in k:
+            continue
+        state[k.replace(".base_layer.", ".")] = v
+    return state
+
+
+# -- VAE -----------------------------------------------------------------------------------
+class VAETask(Task):
+    """Autoencoder with reconstruction (L1) + KL loss; latents calibrated to unit variance at save."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        from synthgen.models.vae import VAE
+
+        self.cfg = cfg
+        m = cfg.model
+        self.net = VAE.from_pretrained(m.pretrained) if m.pretrained else VAE.from_preset(m.preset, **m.overrides)
+
+    def dataset(self) -> Dataset:
+        return image_dataset(self.cfg)
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from synthgen.models.vae import vae_loss
+
+        loss, _ = vae_loss(self.net, batch["image"], self.cfg.objective.kl_weight, generator)
+        return loss
+
+    @torch.no_grad()
+    def preview(self, net, path: Path, batch: dict | None = None) -> bool:
+        from synthgen.models.vae import to_uint8
+
+        if batch is None:
+            return False
+        images = batch["image"]
+        recon = to_uint8(net.decode(net.encode(images))).cpu()
+        _save_grid(torch.cat([images.cpu(), recon]), path, nrow=len(images))
+        return True
+
+    def save(self, net, path: Path) -> None:
+        net.save_pretrained(path)
+
+
+# -- SSL encoder ---------------------------------------------------------------------------
+class SSLTask(Task):
+    """The default image encoder, SimCLR on two augmented views of each tile."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        from synthgen.encoders.ssl import SSLEncoder
+        from synthgen.models.presets import encoder_config
+
+        self.cfg = cfg
+        m = cfg.model
+        self.net = SSLEncoder.from_pretrained(m.pretrained) if m.pretrained else SSLEncoder(
+            **encoder_config(m.preset, **m.overrides))
+
+    def dataset(self) -> Dataset:
+        return image_dataset(self.cfg)
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from synthgen.encoders.ssl import simclr_loss
+
+        return simclr_loss(self.net, batch["image"], self.cfg.objective.temperature, generator)
+
+
+TASKS = {"denoiser": DenoiserTask, "vae": VAETask, "ssl": SSLTask}

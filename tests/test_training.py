@@ -1,0 +1,175 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_encoders import color_tokens, pooled_latents
+
+from synthgen.config import ConfigError, load_train_config
+from synthgen.data.cache import build_cache
+from synthgen.data.datasets import PatchDataset
+from synthgen.data.slides import Slide
+from synthgen.data.tiling import TileSpec, tile_slide, write_tile_table
+from synthgen.errors import SynthgenError
+from synthgen.training.trainer import train
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def cache(cmu, tmp_path_factory):
+    """Real tiles of the CMU slide (64 px at 1 um/px): pixel-space 'latents' and colour tokens."""
+    root = tmp_path_factory.mktemp("train-data")
+    with Slide(cmu) as s:
+        tiles = tile_slide(s, TileSpec(mpp=1.0, size=64, min_tissue=0.3), key="cmu")
+    write_tile_table(tiles, root / "tiles.csv", {"cmu": {"path": str(cmu)}})
+    build_cache(PatchDataset(root / "tiles.csv"), root / "cache",
+                {"latents": pooled_latents(), "emb": color_tokens()}, shard_size=64, progress=False)
+    return root
+
+
+def denoiser_cfg(cache, out, **over):
+    data = {
+        "task": "denoiser", "output_dir": str(out), "steps": 40, "seed": 3,
+        "model": {"preset": "tiny", "overrides": {"in_channels": 3, "out_channels": 3, "caption_channels": 8,
+                                                   "caption_num_tokens": 4}},
+        "data": {"cache": str(cache / "cache"), "num_workers": 0},
+        "optim": {"lr": 3e-3, "batch_size": 16, "warmup_steps": 5},
+        "log_every": 5, "checkpoint_every": 10, "keep_checkpoints": 2, "ema_decay": 0.9,
+    }
+    return load_train_config(None, {**data, **over}) if not over else load_train_config(None, _deep(data, over))
+
+
+def _deep(a, b):
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_denoiser_loss_drops_on_real_tiles(cache, tmp_path):
+    res = train(denoiser_cfg(cache, tmp_path / "run"), progress=False)
+    losses = _losses(tmp_path / "run")
+    assert res.step == 40 and not res.interrupted
+    assert losses[-1] < 0.7 * losses[0]
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000030", "step-0000040"]
+
+
+@pytest.mark.parametrize("objective", ["v_prediction", "flow"])
+def test_other_objectives_learn(cache, tmp_path, objective):
+    cfg = denoiser_cfg(cache, tmp_path / objective, objective={"kind": objective, "timesteps": "logit_normal"})
+    train(cfg, progress=False)
+    losses = _losses(tmp_path / objective)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_resumed_run_equals_uninterrupted(cache, tmp_path):
+    full = train(denoiser_cfg(cache, tmp_path / "full"), progress=False)
+    part = train(denoiser_cfg(cache, tmp_path / "part"), stop_at=17, progress=False)
+    assert part.interrupted and part.step == 17
+    assert (tmp_path / "part" / "checkpoints" / "step-0000017").exists()
+    assert not (tmp_path / "part" / "model").exists()
+    with pytest.raises(SynthgenError, match="already holds checkpoints"):
+        train(denoiser_cfg(cache, tmp_path / "part"), progress=False)
+    rest = train(denoiser_cfg(cache, tmp_path / "part"), resume="latest", progress=False)
+    assert rest.step == 40
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    ema_a = load_file(tmp_path / "full" / "model" / "diffusion_pytorch_model.safetensors")
+    ema_b = load_file(tmp_path / "part" / "model" / "diffusion_pytorch_model.safetensors")
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(ema_a["proj_out.weight"], a["proj_out.weight"])  # EMA weights were saved
+
+
+def test_grad_accumulation_and_class_conditioning(cache, tmp_path, kather):
+    root = tmp_path / "k"
+    from synthgen.data.datasets import ImageListDataset
+
+    build_cache(ImageListDataset.from_folder(kather, size=64), root / "cache",
+                {"latents": pooled_latents(), "emb": color_tokens()}, shard_size=64, progress=False)
+    cfg = denoiser_cfg(root, tmp_path / "cls", steps=12, optim={"batch_size": 4, "grad_accum": 2},
+                       data={"use_labels": True},
+                       model={"overrides": {"use_embeddings": False, "num_classes": 8}})
+    res = train(cfg, progress=False)
+    assert res.step == 12 and res.model.config.num_classes == 8
+
+
+def test_sigterm_leaves_resumable_checkpoint(cache, tmp_path):
+    cfg_file = tmp_path / "cfg.json"
+    cfg = json.loads(json.dumps({
+        "task": "denoiser", "output_dir": str(tmp_path / "run"), "steps": 100000, "log_every": 1,
+        "checkpoint_every": 100000,
+        "model": {"preset": "tiny", "overrides": {"in_channels": 3, "out_channels": 3, "caption_channels": 8,
+                                                   "caption_num_tokens": 4}},
+        "data": {"cache": str(cache / "cache"), "num_workers": 0}, "optim": {"batch_size": 8}}))
+    cfg_file.write_text(json.dumps(cfg))  # JSON is YAML
+    proc = subprocess.Popen([sys.executable, "-m", "synthgen", "train", str(cfg_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() or len(_losses(tmp_path / "run")) < 3:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "--resume latest" in err
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1
+    step = int(ckpts[0].name.split("-")[1])
+    assert step >= 3
+    res = train(load_train_config(cfg_file, [f"steps={step + 2}"]), resume="latest", progress=False)
+    assert res.step == step + 2 and not res.interrupted
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(cache, tmp_path):
+    cfg = denoiser_cfg(cache, tmp_path / "ddp", steps=6, optim={"batch_size": 8}, checkpoint_every=3)
+    cfg_file = tmp_path / "cfg.json"
+    from synthgen.config import to_dict
+
+    cfg_file.write_text(json.dumps(to_dict(cfg)))
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(TESTS / "dist_train.py"), str(cfg_file), str(tmp_path / "hashes")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    h0 = (tmp_path / "hashes" / "rank0.txt").read_text()
+    h1 = (tmp_path / "hashes" / "rank1.txt").read_text()
+    assert h0 == h1 and h0.startswith("world=2 ")
+    # the run continues from its checkpoint on 2 processes too
+    assert (tmp_path / "ddp" / "checkpoints" / "step-0000006").exists()
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"objective": {"kind": "eps"}}, r"objective\.kind: 'eps' is not one of epsilon, v_prediction, flow"),
+    ({"optim": {"batch_size": 0}}, r"optim\.batch_size: must be positive"),
+    ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number"),
+    ({"task": "gan"}, r"task: 'gan' is not one of denoiser, vae, ssl"),
+    ({"modle": {}}, r"modle: unknown field"),
+    ({"data": {"cache": "/nonexistent/cache"}}, r"/nonexistent/cache: no index\.json"),
+    ({"optim": {"batch_size": 100000}}, r"optim\.batch_size: 100000 per process is more than"),
+    ({"model": {"overrides": {"caption_num_tokens": 3}}}, r"model: cannot build the denoiser.*square"),
+])
+def test_invalid_configs_fail_clearly(cache, tmp_path, over, match):
+    with pytest.raises((ConfigError, SynthgenError), match=match):
+        train(denoiser_cfg(cache, tmp_path / "bad", **over), progress=False)
+
+
+def test_missing_config_fields():
+    with pytest.raises(ConfigError, match="task: required field is missing"):
+        load_train_config(None, {"output_dir": "x", "steps": 1})
+    with pytest.raises(ConfigError, match="override 'steps': expected key=value"):
+        load_train_config(None, ["steps"])
