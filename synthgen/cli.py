@@ -49,6 +49,9 @@ def cli(verbose: int) -> None:
                    "(overrides the metadata when given).")
 @click.option("--mask-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Resolution of the tissue-detection thumbnail [default: a tile spans >= 8 px, at most 8 um/px].")
+@click.option("--roi", default=None, metavar="X0,Y0,X1,Y1",
+              help="Keep only tiles inside this box, in fractions of each slide's width and height "
+                   "(e.g. 0,0,0.67,1 to train and 0.67,0,1,1 to hold out the right third).")
 @click.option("--keep-names", is_flag=True,
               help="Use file names as slide keys instead of content hashes. File names can be patient "
                    "barcodes: only for data you may share by name.")
@@ -57,7 +60,7 @@ def cli(verbose: int) -> None:
                    "(exit status 1 if any was skipped).")
 @click.option("--preview", type=click.Path(path_type=Path), default=None,
               help="Folder for one PNG per slide showing the kept tiles on the thumbnail.")
-def tile(inputs, out, mpp, size, overlap, min_tissue, slide_mpp, mask_mpp, keep_names, skip_errors, preview):
+def tile(inputs, out, mpp, size, overlap, min_tissue, slide_mpp, mask_mpp, roi, keep_names, skip_errors, preview):
     """Detect tissue and cut INPUTS (slide files or folders of slides) into a tile table.
 
     The table has one row per tile: slide_key, x, y (level-0 pixels), mpp, size and
@@ -71,7 +74,8 @@ def tile(inputs, out, mpp, size, overlap, min_tissue, slide_mpp, mask_mpp, keep_
     from synthgen.data.tiling import TileSpec, find_slides, tile_slide, write_tile_table
 
     try:
-        spec = TileSpec(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, mask_mpp=mask_mpp)
+        box = tuple(float(v) for v in roi.split(",")) if roi else None
+        spec = TileSpec(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, mask_mpp=mask_mpp, roi=box)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     paths = find_slides(inputs)

@@ -98,3 +98,15 @@ def test_table_errors(tmp_path):
     bad.write_text("slide_key,x,y\nk,1,2\n")
     with pytest.raises(SynthgenError, match="lacks column.*mpp"):
         read_tile_table(bad)
+
+
+def test_roi_splits_train_and_holdout(cmu):
+    with Slide(cmu) as s:
+        every = tile_slide(s, TileSpec(mpp=1.0, size=128))
+        left = tile_slide(s, TileSpec(mpp=1.0, size=128, roi=(0, 0, 0.67, 1)))
+        right = tile_slide(s, TileSpec(mpp=1.0, size=128, roi=(0.67, 0, 1, 1)))
+    side = 128 / 0.499
+    assert all(t.x + side <= 0.67 * 2220 for t in left) and all(t.x >= 0.67 * 2220 for t in right)
+    assert not set(left) & set(right) and len(left) + len(right) <= len(every) and left and right
+    with pytest.raises(ValueError, match="TileSpec.roi"):
+        TileSpec(roi=(0.5, 0, 0.4, 1))

@@ -36,6 +36,8 @@ class TileSpec:
         mask_mpp: resolution of the tissue-detection thumbnail; None picks a resolution where
             a tile spans at least 8 thumbnail pixels, capped at 8 um/px.
         min_object_um2: tissue fragments smaller than this area (square microns) are dropped.
+        roi: keep only tiles inside this box (x0, y0, x1, y1), given as fractions of the slide's
+            width and height; e.g. (0, 0, 0.67, 1) for training and (0.67, 0, 1, 1) held out.
     """
 
     mpp: float = 0.5
@@ -44,6 +46,7 @@ class TileSpec:
     min_tissue: float = 0.5
     mask_mpp: float | None = None
     min_object_um2: float = 5_000.0
+    roi: tuple[float, float, float, float] | None = None
 
     def __post_init__(self):
         _check(self.mpp > 0 and math.isfinite(self.mpp), "mpp", self.mpp, "a positive number of microns per pixel")
@@ -53,6 +56,9 @@ class TileSpec:
         _check(0.0 <= self.min_tissue <= 1.0, "min_tissue", self.min_tissue, "a fraction in [0, 1]")
         _check(self.mask_mpp is None or self.mask_mpp > 0, "mask_mpp", self.mask_mpp, "a positive number or None")
         _check(self.min_object_um2 >= 0, "min_object_um2", self.min_object_um2, "a non-negative area")
+        _check(self.roi is None or (len(self.roi) == 4 and 0 <= self.roi[0] < self.roi[2] <= 1
+                                    and 0 <= self.roi[1] < self.roi[3] <= 1),
+               "roi", self.roi, "(x0, y0, x1, y1) fractions with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
 
     @property
     def stride(self) -> int:
@@ -138,6 +144,7 @@ def tile_slide(slide: Slide, spec: TileSpec, key: str | None = None) -> list[Til
     tile_l0 = spec.size * spec.mpp / slide.mpp  # tile side in level-0 pixels
     stride_l0 = spec.stride * spec.mpp / slide.mpp
     W0, H0 = slide.dimensions
+    rx0, ry0, rx1, ry1 = (0.0, 0.0, 1.0, 1.0) if spec.roi is None else spec.roi
     f = slide.mpp / tmpp  # level-0 px -> thumbnail px
     tiles = []
     ny = int((H0 - tile_l0) // stride_l0) + 1 if H0 >= tile_l0 else 0
@@ -153,7 +160,8 @@ def tile_slide(slide: Slide, spec: TileSpec, key: str | None = None) -> list[Til
             area = (y1 - y0) * (x1 - x0)
             frac = 0.0 if area <= 0 else float(
                 integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
-            if frac >= spec.min_tissue:
+            inside = rx0 * W0 <= x and x + tile_l0 <= rx1 * W0 and ry0 * H0 <= y and y + tile_l0 <= ry1 * H0
+            if inside and frac >= spec.min_tissue:
                 tiles.append(Tile(key, x, y, spec.mpp, spec.size, round(frac, 4)))
     if not tiles:
         raise TissueError(

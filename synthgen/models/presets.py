@@ -13,8 +13,9 @@ from typing import Any
 _DENOISERS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
                  sample_size=8, patch_size=2, caption_channels=32),
+    # CPU default: 16x16x4 latents of the small VAE (64 px tiles), small SSL encoder's 128-d tokens
     "small": dict(num_layers=8, num_attention_heads=6, attention_head_dim=32, in_channels=4, out_channels=4,
-                  sample_size=16, patch_size=2, caption_channels=256),
+                  sample_size=16, patch_size=2, caption_channels=128),
     # PixArt-XL/2 (28 x 1152), 16-channel SD3.5 latents, learned variance (out = 2 x in), UNI2-h (1536)
     "pixcell-256": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=16,
                         out_channels=32, sample_size=32, patch_size=2, caption_channels=1536,
@@ -49,10 +50,10 @@ _VAES: dict[str, dict] = {
     "tiny": dict(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                  sample_size=32, scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=False),
-    # CPU default: 8x downsampling, 4 channels (128 px tiles -> 16x16x4), about 3.8 M parameters
-    "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
-                  norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=1.0,
+    # CPU default: 4x downsampling, 4 channels (64 px tiles -> 16x16x4), about 0.65 M parameters
+    "small": dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64, scaling_factor=1.0,
                   shift_factor=0.0, mid_block_add_attention=False),
     # Stable Diffusion 3 / 3.5 VAE (PixCell's): 16 channels, no quant convs
     "sd3": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
@@ -73,8 +74,8 @@ VAE_PRESETS = tuple(_VAES)
 
 _ENCODERS: dict[str, dict[str, Any]] = {
     "tiny": dict(input_size=32, width=8, dim=32, proj_dim=32),
-    # CPU default: 128 px input, about 1.4 M parameters, 256-d embedding
-    "small": dict(input_size=128, width=32, dim=256, proj_dim=128),
+    # CPU default: 64 px input, about 0.35 M parameters, 128-d embedding
+    "small": dict(input_size=64, width=16, dim=128, proj_dim=64),
 }
 
 

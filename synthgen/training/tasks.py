@@ -91,11 +91,15 @@ class DenoiserTask(Task):
                 raise ConfigError("lora.rank: LoRA fine-tunes a pretrained denoiser; set model.pretrained")
             net = Denoiser(**denoiser_config(m.preset, **m.overrides))
         if self.cfg.lora.rank:
-            from peft import LoraConfig
+            try:
+                from peft import LoraConfig, inject_adapter_in_model
+            except ImportError as e:
+                raise ConfigError("lora.rank: LoRA needs peft: pip install 'synthgen[lora]'") from e
 
-            net.requires_grad_(False)
-            net.add_adapter(LoraConfig(r=self.cfg.lora.rank, lora_alpha=self.cfg.lora.alpha or self.cfg.lora.rank,
-                                       init_lora_weights="gaussian", target_modules=list(self.cfg.lora.target_modules)))
+            net.requires_grad_(False)  # only the injected low-rank matrices train
+            lora = LoraConfig(r=self.cfg.lora.rank, lora_alpha=self.cfg.lora.alpha or self.cfg.lora.rank,
+                              init_lora_weights="gaussian", target_modules=list(self.cfg.lora.target_modules))
+            net = inject_adapter_in_model(lora, net)
         return net
 
     @property

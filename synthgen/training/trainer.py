@@ -179,6 +179,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
                                   weight_decay=cfg.optim.weight_decay)
     lr_sched = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                              num_training_steps=cfg.steps)
+    if acc.distributed_type.value == "FSDP" and cfg.ema_decay > 0:
+        raise ConfigError("ema_decay: EMA over FSDP-sharded parameters is not supported; set ema_decay: 0 with FSDP")
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     state = TrainState()
     task, optimizer = acc.prepare(task, optimizer)
