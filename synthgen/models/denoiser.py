@@ -23,6 +23,7 @@ import math
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import PixArtAlphaTextProjection
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (pipelines look it up here)
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from torch import nn
 

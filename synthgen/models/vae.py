@@ -14,6 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (pipelines look it up here)
 from torch import nn
 
 from synthgen.models.loading import StrictLoadMixin

@@ -1,0 +1,236 @@
+"""The generation pipeline: one diffusers ``DiffusionPipeline`` folder holding the denoiser, the
+VAE, the scheduler and (optionally) the image encoder, text encoder and tokenizer.
+
+It samples from embeddings, from reference images (encoded on the fly), from class labels or
+from text, with classifier-free guidance and one seed per image, so any single image can be
+regenerated exactly from its seed and condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from synthgen.pipelines.sampling import SAMPLERS, make_scheduler, sample_latents
+
+
+@dataclass
+class SynthOutput(BaseOutput):
+    """Generated images and the seed of each (regenerate image i with ``seeds=[seeds[i]]``)."""
+
+    images: list | np.ndarray | torch.Tensor
+    seeds: list[int]
+
+
+class SynthPipeline(DiffusionPipeline):
+    """Sample histopathology images from a conditioned latent diffusion model.
+
+    Components (``save_pretrained`` / ``from_pretrained`` as one folder):
+        transformer: :class:`~synthgen.models.denoiser.Denoiser`.
+        vae: diffusers ``AutoencoderKL`` (its config holds the latent scale and shift).
+        scheduler: a diffusers scheduler matching the training objective.
+        image_encoder: optional, a model returning (B, tokens, dim) from raw images (the
+            project's :class:`~synthgen.encoders.ssl.SSLEncoder`); other encoders (UNI via
+            timm, ...) can be passed per call as ``image_encoder=``.
+        text_encoder, tokenizer: optional transformers text model and its tokenizer.
+
+    Example:
+        >>> pipe = SynthPipeline.from_pretrained("checkpoints/pipeline")
+        >>> out = pipe(images=reference_tiles, num_images_per_condition=4, guidance_scale=2.0, seeds=range(8))
+        >>> out.images[0].save("synthetic.png")
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
+    _optional_components = ["image_encoder", "text_encoder", "tokenizer"]
+
+    def __init__(self, transformer, vae, scheduler, image_encoder=None, text_encoder=None, tokenizer=None):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
+                              text_encoder=text_encoder, tokenizer=tokenizer)
+
+    # -- conditions ----------------------------------------------------------------------
+    def _vae(self):
+        from synthgen.models.vae import VAE
+
+        return VAE(self.vae)
+
+    def encode_images(self, images, image_encoder=None) -> torch.Tensor:
+        """Reference images (uint8 tensor (B,3,H,W), numpy (B,H,W,3) or PIL list) -> embedding tokens."""
+        enc = image_encoder or self.image_encoder
+        if enc is None:
+            raise ValueError("images= needs an image encoder: load a pipeline with one or pass image_encoder=")
+        x = _as_uint8_tensor(images)
+        with torch.no_grad():
+            return enc(x.to(self._execution_device)).float()
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> (B, text_num_tokens, dim), as the model was trained (mean-pooled, normalised for 1 token)."""
+        from synthgen.encoders.text import TextEncoder
+
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("prompts= needs a pipeline with text_encoder and tokenizer")
+        enc = TextEncoder(self.text_encoder, self.tokenizer, num_tokens=self.transformer.config.text_num_tokens)
+        with torch.no_grad():
+            return enc(list(prompts)).float()
+
+    def _conditions(self, embeddings, images, class_labels, prompts, image_encoder) -> tuple[dict, int]:
+        cfg = self.transformer.config
+        conds: dict[str, torch.Tensor] = {}
+        n = None
+        if images is not None:
+            if embeddings is not None:
+                raise ValueError("give embeddings= or images=, not both")
+            embeddings = self.encode_images(images, image_encoder)
+        if embeddings is not None:
+            if not cfg.use_embeddings:
+                raise ValueError("this model is not conditioned on embeddings")
+            emb = torch.as_tensor(embeddings, dtype=torch.float32)
+            emb = emb[:, None] if emb.ndim == 2 else emb
+            if not torch.isfinite(emb).all():
+                bad = (~torch.isfinite(emb.flatten(1))).any(1).nonzero().flatten().tolist()
+                raise ValueError(f"embeddings contain NaN/Inf (conditions {bad[:5]})")
+            conds["embeddings"], n = emb, len(emb)
+        if class_labels is not None:
+            if not cfg.num_classes:
+                raise ValueError("this model is not class-conditional")
+            labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+            conds["class_labels"] = labels
+            n = _same(n, len(labels), "class_labels")
+        if prompts is not None:
+            if not cfg.text_channels:
+                raise ValueError("this model is not conditioned on text")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            conds["text"] = self.encode_prompts(prompts)
+            n = _same(n, len(prompts), "prompts")
+        missing = [k for k, need in (("embeddings or images", cfg.use_embeddings),
+                                     ("class_labels", cfg.num_classes), ("prompts", cfg.text_channels))
+                   if need and not any(c in conds for c in _KEYS[k])]
+        if missing:
+            raise ValueError(f"this model needs {' and '.join(missing)}")
+        return conds, n
+
+    # -- sampling ------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        embeddings: torch.Tensor | np.ndarray | None = None,
+        images=None,
+        class_labels=None,
+        prompts: str | Sequence[str] | None = None,
+        num_images_per_condition: int = 1,
+        guidance_scale: float = 2.0,
+        num_inference_steps: int = 20,
+        seeds: Sequence[int] | int | None = None,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+        batch_size: int = 32,
+        output_type: str = "pil",
+        image_encoder=None,
+        return_dict: bool = True,
+    ):
+        """Generate ``num_images_per_condition`` images for each condition.
+
+        Args:
+            embeddings: (N, tokens, dim) or (N, dim) condition embeddings.
+            images: reference images, encoded with the image encoder (variations of them).
+            class_labels: (N,) class ids (-1 for the unconditional/null class).
+            prompts: N text prompts.
+            guidance_scale: classifier-free guidance (1 = the conditional model alone).
+            seeds: one per output image (N x num_images_per_condition); default: drawn from
+                ``generator`` (or 0, 1, 2, ...). Image i depends only on seeds[i] and its condition.
+            sampler: override the scheduler: ``dpm++``, ``ddim``, ``euler`` (flow models use
+                flow-matching Euler).
+            batch_size: images per denoiser batch (results do not depend on it).
+            output_type: ``pil``, ``np`` (uint8 (B,H,W,3)), ``pt`` (uint8 (B,3,H,W)) or ``latent``.
+
+        Returns:
+            :class:`SynthOutput` with ``images`` and ``seeds``.
+        """
+        from synthgen.models.vae import to_uint8
+
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder)
+        if n is None:
+            raise ValueError("give at least one condition (embeddings, images, class_labels or prompts)")
+        total = n * num_images_per_condition
+        conds = {k: v.repeat_interleave(num_images_per_condition, dim=0) for k, v in conds.items()}
+        seeds = _seeds(seeds, total, generator)
+        scheduler = self._scheduler_for(sampler)
+        device = self._execution_device
+        vae = self._vae()
+        outs, latents = [], []
+        for lo in self.progress_bar(range(0, total, batch_size)):
+            hi = min(total, lo + batch_size)
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
+            part = {k: v[lo:hi].to(device) for k, v in conds.items()}
+            z = sample_latents(self.transformer, scheduler, part, gens, num_inference_steps, guidance_scale)
+            if output_type == "latent":
+                latents.append(z.cpu())
+            else:
+                outs.append(to_uint8(vae.decode(z)).cpu())
+        if output_type == "latent":
+            result = torch.cat(latents)
+        else:
+            imgs = torch.cat(outs)
+            if output_type == "pt":
+                result = imgs
+            else:
+                arr = imgs.permute(0, 2, 3, 1).numpy()
+                result = arr if output_type == "np" else self.numpy_to_pil(arr)
+        self.maybe_free_model_hooks()
+        return SynthOutput(images=result, seeds=[int(s) for s in seeds]) if return_dict else (result, seeds)
+
+    def _scheduler_for(self, sampler: str | None):
+        if sampler is None:
+            return self.scheduler
+        cfg = self.scheduler.config
+        prediction = "flow" if "FlowMatch" in type(self.scheduler).__name__ else cfg.get("prediction_type", "epsilon")
+        return make_scheduler(prediction, sampler, cfg.get("num_train_timesteps", 1000),
+                              cfg.get("beta_schedule", "linear"))
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray):
+        from PIL import Image
+
+        return [Image.fromarray(im) for im in images]
+
+
+_KEYS = {"embeddings or images": ("embeddings",), "class_labels": ("class_labels",), "prompts": ("text",)}
+
+
+def _same(n, m, name):
+    if n is not None and n != m:
+        raise ValueError(f"{name} has {m} entries but the other conditions have {n}")
+    return m
+
+
+def _seeds(seeds, total: int, generator: torch.Generator | None) -> list[int]:
+    if seeds is None:
+        if generator is None:
+            return list(range(total))
+        return torch.randint(0, 2**31 - 1, (total,), generator=generator).tolist()
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != total:
+        raise ValueError(f"{len(seeds)} seeds for {total} images (conditions x num_images_per_condition)")
+    return [int(s) for s in seeds]
+
+
+def _as_uint8_tensor(images) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        x = images
+    elif isinstance(images, np.ndarray):
+        x = torch.from_numpy(images)
+        x = x.permute(0, 3, 1, 2) if x.ndim == 4 and x.shape[-1] == 3 else x
+    else:
+        x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+    if x.ndim == 3:
+        x = x[None]
+    return x.contiguous()
