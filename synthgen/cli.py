@@ -193,7 +193,7 @@ def _file_digest(path: Path) -> str:
               help="Checkpoint and stop at this step (for time-limited jobs); continue later with --resume latest.")
 @click.option("--print-config", is_flag=True, help="Print the validated config (with defaults) and exit.")
 def train(config, overrides, resume, stop_at, print_config):
-    """Train a model (denoiser, vae or ssl) from a YAML CONFIG.
+    """Train a model (denoiser, vae, ssl or prior) from a YAML CONFIG.
 
     Runs on one process, or on many under `accelerate launch` / `torchrun` (DDP; FSDP through an
     accelerate config). Checkpoints go to OUTPUT_DIR/checkpoints every `checkpoint_every` steps;
@@ -220,6 +220,50 @@ def train(config, overrides, resume, stop_at, print_config):
         sys.exit(143)
     loss = "" if result.final_loss is None else f" (last loss {result.final_loss:.4f})"
     click.echo(f"trained {cfg.task} for {result.step} steps{loss} -> {result.output_dir / 'model'}")
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: images/, records/ and manifest.json. Rerunning the same command resumes.")
+@click.option("-n", "--num-images", type=click.IntRange(min=1), required=True, help="Images to generate.")
+@click.option("--mode", type=click.Choice(["variations", "prior", "interpolation", "class"]), default=None,
+              help="variations: condition on real embeddings (from --cache or --images); prior: sample embeddings "
+                   "of --class from --prior; interpolation: mix same-class embeddings from --cache; class: a "
+                   "class-conditional model with no embeddings. [default: variations with --cache/--images, "
+                   "else class]")
+@click.option("--cache", "cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Feature cache whose embeddings (and labels) are the real bank for variations/interpolation/filter.")
+@click.option("--embedding-key", default="emb", show_default=True, help="Name of the embeddings in the cache.")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of reference images: variations of them (encoded with the pipeline's image encoder).")
+@click.option("--class", "label", type=int, default=None, help="Class id to generate (rare-class modes, class models).")
+@click.option("--prior", "prior_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Embedding prior folder (for --mode prior).")
+@click.option("--filter", "use_filter", is_flag=True,
+              help="Re-encode each image and record whether it is nearest to its class (needs --cache with labels).")
+@click.option("--guidance", type=float, default=2.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampling steps.")
+@click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default=None,
+              help="Override the pipeline's scheduler.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Job seed: image i gets seed*1000000 + i.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
+             guidance, steps, sampler, seed, batch_size):
+    """Generate a synthetic dataset with PIPELINE (a SynthPipeline folder).
+
+    Splits across processes under `accelerate launch` / `torchrun` (each writes its own share;
+    rank 0 merges manifest.json). Every image's seed and condition are recorded, so any item can
+    be regenerated alone.
+    """
+    from synthgen.pipelines.cli_generate import run_generate
+
+    path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
+                        embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
+                        use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
+                        batch_size=batch_size)
+    if path is not None:
+        click.echo(f"{num_images} images -> {out} (manifest: {path})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -228,7 +228,7 @@ class LoraConfig:
 class TrainConfig:
     """A training run. Load from YAML with :func:`load_train_config`."""
 
-    task: Literal["denoiser", "vae", "ssl"]
+    task: Literal["denoiser", "vae", "ssl", "prior"]
     output_dir: str
     steps: int
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -53,6 +53,15 @@ class SynthPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
                               text_encoder=text_encoder, tokenizer=tokenizer)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load a pipeline folder or hub id (diffusers only loads components from imported modules)."""
+        import synthgen.encoders.ssl  # noqa: F401
+        import synthgen.models.denoiser  # noqa: F401
+        import synthgen.models.vae  # noqa: F401
+
+        return super().from_pretrained(*args, **kwargs)
+
     # -- conditions ----------------------------------------------------------------------
     def _vae(self):
         from synthgen.models.vae import VAE

@@ -274,4 +274,37 @@ class SSLTask(Task):
         return simclr_loss(self.net, batch["image"], self.cfg.objective.temperature, generator)
 
 
-TASKS = {"denoiser": DenoiserTask, "vae": VAETask, "ssl": SSLTask}
+# -- embedding prior -------------------------------------------------------------------------
+class PriorTask(Task):
+    """Class-conditional flow-matching prior over the cached embeddings (needs labels)."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        from synthgen.models.prior import EmbeddingPrior
+
+        self.cfg = cfg
+        if not cfg.data.cache:
+            raise ConfigError("data.cache: the embedding prior trains on a feature cache with embeddings and labels")
+        bank = self.dataset()
+        embs = torch.stack([bank[i][cfg.data.embedding_key] for i in range(len(bank))]).float()
+        labels = torch.tensor([bank[i]["label"] for i in range(len(bank))])
+        m = cfg.model
+        if m.pretrained:
+            self.net = EmbeddingPrior.from_pretrained(m.pretrained)
+        else:
+            kw = {"num_tokens": embs.shape[1], "dim": embs.shape[2], "num_classes": int(labels.max()) + 1, **m.overrides}
+            self.net = EmbeddingPrior(**kw)
+            self.net.fit_normalization(embs)
+
+    def dataset(self) -> Dataset:
+        from synthgen.data.cache import CacheDataset
+
+        return CacheDataset(self.cfg.data.cache, keys=[self.cfg.data.embedding_key, "label"])
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        device = next(self.net.parameters()).device
+        emb = batch[self.cfg.data.embedding_key].to(device)
+        return self.net.loss(emb, torch.as_tensor(batch["label"]), generator, self.cfg.objective.cfg_dropout)
+
+
+TASKS = {"denoiser": DenoiserTask, "vae": VAETask, "ssl": SSLTask, "prior": PriorTask}

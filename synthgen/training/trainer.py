@@ -118,8 +118,9 @@ def _stop_signals():
 
 
 def _loader(dataset: Dataset, sampler: EpochSampler, cfg: TrainConfig) -> DataLoader:
+    # the sampler runs in this process, so persistent workers follow its set_epoch()
     return DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.data.num_workers, persistent_workers=False)
+                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = None, progress: bool = True) -> TrainResult:
@@ -208,12 +209,12 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
     interrupted, last_loss = False, None
     window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
 
+    loader = _loader(dataset, sampler, cfg)
     with _stop_signals() as stop:
         while state.step < cfg.steps and not interrupted:
             consumed = state.step * cfg.optim.grad_accum  # micro-batches per rank so far
             epoch, offset = divmod(consumed, per_rank_batches)
             sampler.set_epoch(epoch, skip=offset * cfg.optim.batch_size)
-            loader = _loader(dataset, sampler, cfg)
             micro = 0
             for batch in loader:
                 with acc.accumulate(task):
@@ -259,7 +260,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
                     _save_checkpoint(acc, ckpt_dir, state.step, cfg.keep_checkpoints)
                 if interrupted or state.step >= cfg.steps:
                     break
-            del loader  # finish the iterator before the end (worker shutdown, see accelerate notes)
+    del loader  # shut the workers down before the end (see accelerate's notes on end_training)
 
     bar.close()
     acc.wait_for_everyone()

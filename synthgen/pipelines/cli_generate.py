@@ -1,0 +1,107 @@
+"""The ``synthgen generate`` job: build the plan from the options, run this process's share,
+merge the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from synthgen.errors import SynthgenError
+
+
+def _bank(cache_dir: Path, key: str):
+    from synthgen.data.cache import CacheDataset
+
+    ds = CacheDataset(cache_dir)
+    if key not in ds.keys:
+        raise SynthgenError(f"{cache_dir}: cache has no {key!r} embeddings (has {', '.join(ds.keys)})")
+    embs = torch.stack([ds[i][key] for i in range(len(ds))]).float()
+    labels = torch.tensor([ds[i]["label"] for i in range(len(ds))]) if "label" in ds.keys else None
+    return embs, labels
+
+
+def build_plan(pipe, n: int, mode: str | None, cache_dir, embedding_key: str, images_dir, label, prior_dir, seed: int):
+    from synthgen.pipelines.jobs import GenerationPlan
+    from synthgen.pipelines.rare import interpolate_embeddings
+
+    g = torch.Generator().manual_seed(seed)
+    seeds = [seed * 1_000_000 + i for i in range(n)]
+    mode = mode or ("variations" if (cache_dir or images_dir) else "class")
+    labels = [label] * n
+    if mode == "class":
+        if not pipe.transformer.config.num_classes:
+            raise SynthgenError("--mode class needs a class-conditional model; this one is conditioned on embeddings "
+                                "(use --cache/--images for variations or --mode prior)")
+        if label is None:
+            raise SynthgenError("--mode class needs --class")
+        return GenerationPlan(None, labels, seeds, "class")
+    if mode == "prior":
+        from synthgen.models.prior import EmbeddingPrior
+
+        if prior_dir is None or label is None:
+            raise SynthgenError("--mode prior needs --prior PRIOR_DIR and --class")
+        prior = EmbeddingPrior.from_pretrained(prior_dir)
+        return GenerationPlan(prior.sample(torch.full((n,), label), generator=g).cpu(), labels, seeds, "prior")
+    if images_dir is not None:
+        from synthgen.data.datasets import ImageListDataset
+
+        side = pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        ds = ImageListDataset.from_folder(images_dir, size=side)  # the model's image size
+        refs = pipe.encode_images(torch.stack([ds[i]["image"] for i in range(len(ds))])).cpu()
+        return GenerationPlan(refs[torch.randint(0, len(refs), (n,), generator=g)], labels, seeds, "variations")
+    if cache_dir is None:
+        raise SynthgenError(f"--mode {mode} needs --cache (the real embeddings) or --images")
+    embs, bank_labels = _bank(cache_dir, embedding_key)
+    if label is not None:
+        if bank_labels is None:
+            raise SynthgenError(f"{cache_dir}: cache has no labels, so --class cannot select embeddings")
+        embs = embs[bank_labels == label]
+        if len(embs) == 0:
+            raise SynthgenError(f"{cache_dir}: no embeddings of class {label}")
+    if mode == "interpolation":
+        return GenerationPlan(interpolate_embeddings(embs, n, g), labels, seeds, "interpolation")
+    return GenerationPlan(embs[torch.randint(0, len(embs), (n,), generator=g)], labels, seeds, "variations")
+
+
+def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
+                 guidance, steps, sampler, seed, batch_size):
+    import hashlib
+
+    from accelerate import PartialState
+
+    from synthgen.pipelines.generate import SynthPipeline
+    from synthgen.pipelines.jobs import merge_manifest, run_plan
+    from synthgen.pipelines.sampling import make_scheduler
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    pipe = SynthPipeline.from_pretrained(pipeline).to(state.device)
+    pipe.set_progress_bar_config(disable=True)
+    if sampler:
+        cfg = pipe.scheduler.config
+        pipe.scheduler = make_scheduler(cfg.get("prediction_type", "epsilon"), sampler,
+                                        cfg.get("num_train_timesteps", 1000), cfg.get("beta_schedule", "linear"))
+    plan = build_plan(pipe, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, seed)
+    class_filter = encoder = None
+    if use_filter:
+        from synthgen.pipelines.rare import ClassFilter
+
+        if cache_dir is None or label is None:
+            raise SynthgenError("--filter needs --cache (with labels) and --class")
+        embs, bank_labels = _bank(cache_dir, embedding_key)
+        if bank_labels is None:
+            raise SynthgenError(f"{cache_dir}: --filter needs labels in the cache")
+        if pipe.image_encoder is None:
+            raise SynthgenError("--filter needs a pipeline with an image encoder")
+        class_filter, encoder = ClassFilter(embs, bank_labels), pipe.image_encoder
+    run_plan(pipe, plan, out, rank=state.process_index, world=state.num_processes, guidance_scale=guidance,
+             num_inference_steps=steps, batch_size=batch_size, class_filter=class_filter, encoder=encoder,
+             progress=state.is_main_process)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    model_hash = hashlib.sha256((Path(pipeline) / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+                                ).hexdigest()[:16] if (Path(pipeline) / "transformer").exists() else None
+    meta = {"model_sha256": model_hash, "mode": plan.kind, "class": label, "guidance_scale": guidance,
+            "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed}
+    return merge_manifest(out, len(plan), meta)
