@@ -31,7 +31,7 @@ def test_prior_samples_match_their_class(bank):
     prior.fit_normalization(embs)
     opt = torch.optim.Adam(prior.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
-    for step in range(400):
+    for _ in range(400):
         idx = torch.randint(0, len(embs), (64,), generator=g)
         loss = prior.loss(embs[idx], labels[idx], g)
         opt.zero_grad()

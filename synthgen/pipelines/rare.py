@@ -73,7 +73,7 @@ class RareClassResult:
     mode: str
 
     def kept(self) -> list:
-        return [im for im, ok in zip(self.images, self.accepted.tolist()) if ok]
+        return [im for im, ok in zip(self.images, self.accepted.tolist(), strict=True) if ok]
 
 
 class RareClassSynthesizer:
