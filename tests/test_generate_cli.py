@@ -105,3 +105,14 @@ def test_prior_mode_and_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", str(setup / "pipe"), "-o", str(tmp_path / "x"), "-n", "2"])
     assert e.value.code == 1 and "class-conditional" in capsys.readouterr().err
+
+
+def test_large_cli_resynthesises_a_slide_region(setup, cmu, tmp_path):
+    from synthgen.data.slides import Slide
+
+    out = tmp_path / "big.tif"
+    _run(["large", str(setup / "pipe"), "-o", str(out), "--size", "64", "--reference", str(cmu),
+          "--x", "800", "--y", "1200", "--steps", "2"])
+    with Slide(out) as s:
+        assert s.dimensions == (64, 64) and s.mpp == pytest.approx(1.0)
+    assert out.with_suffix(".png").exists()

@@ -105,3 +105,44 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     meta = {"model_sha256": model_hash, "mode": plan.kind, "class": label, "guidance_scale": guidance,
             "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed}
     return merge_manifest(out, len(plan), meta)
+
+
+def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_key, label, overlap,
+              mpp, seed, steps, guidance):
+    """``synthgen large``: one large image as a pyramidal TIFF (+ PNG preview)."""
+    from synthgen.pipelines.generate import SynthPipeline
+    from synthgen.pipelines.large_image import generate_large, window_starts, write_pyramidal_tiff
+
+    pipe = SynthPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    down = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    win_px = pipe.transformer.config.sample_size * down
+    ov_px = win_px // 2 if overlap is None else overlap
+    if reference is not None:
+        from synthgen.data.slides import Slide
+
+        if pipe.image_encoder is None:
+            raise SynthgenError("--reference needs a pipeline with an image encoder")
+        with Slide(reference, mpp=slide_mpp) as s:
+            region = s.read(x, y, size, mpp)
+        starts = window_starts(size // down, win_px // down, (win_px - ov_px) // down)
+        crops = torch.stack([torch.from_numpy(region[sy * down: sy * down + win_px, sx * down: sx * down + win_px].copy())
+                             .permute(2, 0, 1) for sy in starts for sx in starts])
+        emb = pipe.encode_images(crops).cpu()
+        grid = emb.reshape(len(starts), len(starts), *emb.shape[1:])
+    elif cache_dir is not None:
+        embs, bank_labels = _bank(cache_dir, embedding_key)
+        if label is not None and bank_labels is not None:
+            embs = embs[bank_labels == label]
+        grid = embs[int(torch.randint(0, len(embs), (1,), generator=torch.Generator().manual_seed(seed)))]
+    else:
+        raise SynthgenError("synthgen large needs --reference (a slide or image region to re-synthesise) or --cache")
+    image = generate_large(pipe, grid, size, overlap=ov_px, seed=seed, guidance_scale=guidance,
+                           num_inference_steps=steps, class_label=label)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_pyramidal_tiff(out, image, mpp)
+    from PIL import Image
+
+    Image.fromarray(image).save(out.with_suffix(".png"))
+    return out
