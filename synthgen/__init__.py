@@ -16,6 +16,15 @@ _EXPORTS = {
     "CacheDataset": ".data.cache",
     "build_cache": ".data.cache",
     "SynthgenError": ".errors",
+    "Denoiser": ".models.denoiser",
+    "VAE": ".models.vae",
+    "EmbeddingPrior": ".models.prior",
+    "SSLEncoder": ".encoders.ssl",
+    "TimmEncoder": ".encoders.timm_encoder",
+    "SynthPipeline": ".pipelines.generate",
+    "RareClassSynthesizer": ".pipelines.rare",
+    "train": ".training.trainer",
+    "load_train_config": ".config",
 }
 __all__ = ["__version__", *_EXPORTS]
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

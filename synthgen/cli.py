@@ -301,6 +301,40 @@ def large(pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_
     click.echo(f"{size}x{size} px -> {path} (+ {path.with_suffix('.png').name})")
 
 
+@cli.command()
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Pipeline folder to write.")
+@click.option("--denoiser", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Trained denoiser folder (OUTPUT_DIR/model of `synthgen train`, or a hub-layout folder).")
+@click.option("--vae", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="VAE folder (AutoencoderKL layout).")
+@click.option("--encoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Image encoder folder (synthgen SSL encoder) used for reference images and the class filter.")
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction", "flow"]), default=None,
+              help="What the denoiser predicts [default: read from the training run's config.json beside --denoiser].")
+@click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default="dpm++", show_default=True)
+def assemble(out, denoiser, vae, encoder, prediction, sampler):
+    """Put a trained denoiser, its VAE and image encoder into one SynthPipeline folder."""
+    import json
+
+    from synthgen.encoders.ssl import SSLEncoder
+    from synthgen.models.denoiser import Denoiser
+    from synthgen.models.vae import StrictAutoencoderKL
+    from synthgen.pipelines.generate import SynthPipeline
+    from synthgen.pipelines.sampling import make_scheduler
+
+    run_cfg = denoiser.parent / "config.json"
+    objective = json.loads(run_cfg.read_text()).get("objective", {}) if run_cfg.exists() else {}
+    prediction = prediction or objective.get("kind")
+    if prediction is None:
+        raise click.UsageError(f"no training config at {run_cfg}: pass --prediction")
+    scheduler = make_scheduler(prediction, sampler, objective.get("num_train_timesteps", 1000),
+                               objective.get("beta_schedule", "linear"))
+    pipe = SynthPipeline(Denoiser.from_pretrained(denoiser), StrictAutoencoderKL.from_pretrained(vae), scheduler,
+                         image_encoder=SSLEncoder.from_pretrained(encoder) if encoder else None)
+    pipe.save_pretrained(out)
+    click.echo(f"pipeline ({prediction}, {sampler}) -> {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns synthgen errors into one-line messages."""
     try:

@@ -116,3 +116,17 @@ def test_large_cli_resynthesises_a_slide_region(setup, cmu, tmp_path):
     with Slide(out) as s:
         assert s.dimensions == (64, 64) and s.mpp == pytest.approx(1.0)
     assert out.with_suffix(".png").exists()
+
+
+def test_assemble_reads_the_objective_of_the_run(setup, tmp_path):
+    from synthgen.pipelines.generate import SynthPipeline
+
+    run = tmp_path / "run"
+    Denoiser(**denoiser_config("tiny")).save_pretrained(run / "model")
+    (run / "config.json").write_text(json.dumps({"objective": {"kind": "v_prediction", "num_train_timesteps": 1000,
+                                                               "beta_schedule": "linear"}}))
+    VAE.from_preset("tiny").save_pretrained(tmp_path / "vae")
+    _run(["assemble", "-o", str(tmp_path / "pipe"), "--denoiser", str(run / "model"), "--vae", str(tmp_path / "vae"),
+          "--encoder", str(setup / "pipe" / "image_encoder")])
+    pipe = SynthPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.image_encoder is not None

@@ -5,6 +5,7 @@ from synthgen._lazy import lazy_getattr
 _EXPORTS = {
     "Denoiser": ".denoiser",
     "VAE": ".vae",
+    "EmbeddingPrior": ".prior",
     "denoiser_config": ".presets",
     "DENOISER_PRESETS": ".presets",
     "VAE_PRESETS": ".presets",

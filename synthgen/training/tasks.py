@@ -56,8 +56,9 @@ class Task(nn.Module):
         net.save_pretrained(path)
 
     @torch.no_grad()
-    def preview(self, net: nn.Module, path: Path) -> bool:
-        """Write a PNG grid from fixed seeds and conditions; False when there is nothing to show."""
+    def preview(self, net: nn.Module, path: Path, batch: dict | None = None) -> bool:
+        """Write a PNG grid from fixed seeds and the conditions of ``batch``; False when there is
+        nothing to show."""
         return False
 
 
@@ -248,6 +249,12 @@ class VAETask(Task):
         return True
 
     def save(self, net, path: Path) -> None:
+        """Calibrate the latent shift/scale on up to 512 training images, then save."""
+        ds = self.dataset()
+        step = max(1, len(ds) // 512)
+        images = torch.stack([ds[i]["image"] for i in range(0, len(ds), step)][:512])
+        shift, scale = net.calibrate(images)
+        log.info("VAE latents calibrated: shift %.4f, scale %.4f", shift, scale)
         net.save_pretrained(path)
 
 
