@@ -26,10 +26,11 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def _weights(window: int, device) -> torch.Tensor:
-    """Separable tent weights, never zero, highest at the window centre."""
+    """Separable raised-cosine (Hann) weights: near zero at the window border, 1 at its centre,
+    so a window's contribution fades out smoothly where its neighbour takes over."""
     r = torch.arange(window, device=device, dtype=torch.float32)
-    w = torch.minimum(r + 1, window - r) / (window / 2)
-    return (w[:, None] * w[None, :]).clamp_min(1e-3)
+    w = torch.sin(math.pi * (r + 0.5) / window) ** 2
+    return (w[:, None] * w[None, :]).clamp_min(1e-4)
 
 
 @torch.no_grad()
