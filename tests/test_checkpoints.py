@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from synthgen.data.datasets import PatchDataset
 from synthgen.data.slides import Slide
 from synthgen.data.tiling import TileSpec, tile_slide
 from synthgen.pipelines.generate import SynthPipeline

@@ -97,3 +97,20 @@ def test_condition_errors(pipe):
         pipe(**_cond(1), prompts=["tumour"])
     with pytest.raises(ValueError, match="unknown sampler"):
         pipe(**_cond(1), sampler="plms")
+
+
+def test_guidance_interval_skips_unconditional_passes(pipe):
+    """Outside the interval only the conditional model runs: an empty interval equals scale 1."""
+    c = _cond(2)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, k: calls.append(a[0].shape[0]))
+    try:
+        pipe(**c, seeds=[1, 2], num_inference_steps=10, guidance_scale=3.0, guidance_interval=(0.2, 0.8),
+             output_type="latent")
+    finally:
+        hook.remove()
+    assert calls.count(4) == 6 and calls.count(2) == 4  # positions 2/9..7/9 guided (batched 2x), 4 unguided
+    none = pipe(**c, seeds=[1, 2], num_inference_steps=6, guidance_scale=3.0, guidance_interval=(2.0, 3.0),
+                output_type="latent").images
+    plain = pipe(**c, seeds=[1, 2], num_inference_steps=6, guidance_scale=1.0, output_type="latent").images
+    torch.testing.assert_close(none, plain)

@@ -134,6 +134,7 @@ class SynthPipeline(DiffusionPipeline):
         num_images_per_condition: int = 1,
         guidance_scale: float = 2.0,
         num_inference_steps: int = 20,
+        guidance_interval: tuple[float, float] | None = None,
         seeds: Sequence[int] | int | None = None,
         generator: torch.Generator | None = None,
         sampler: str | None = None,
@@ -150,6 +151,8 @@ class SynthPipeline(DiffusionPipeline):
             class_labels: (N,) class ids (-1 for the unconditional/null class).
             prompts: N text prompts.
             guidance_scale: classifier-free guidance (1 = the conditional model alone).
+            guidance_interval: (lo, hi) fractions of the trajectory where guidance applies;
+                outside it the unconditional pass is skipped (faster; see ``sample_latents``).
             seeds: one per output image (N x num_images_per_condition); default: drawn from
                 ``generator`` (or 0, 1, 2, ...). Image i depends only on seeds[i] and its condition.
             sampler: override the scheduler: ``dpm++``, ``ddim``, ``euler`` (flow models use
@@ -180,7 +183,8 @@ class SynthPipeline(DiffusionPipeline):
             hi = min(total, lo + batch_size)
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
             part = {k: v[lo:hi].to(device) for k, v in conds.items()}
-            z = sample_latents(self.transformer, scheduler, part, gens, num_inference_steps, guidance_scale)
+            z = sample_latents(self.transformer, scheduler, part, gens, num_inference_steps, guidance_scale,
+                               guidance_interval=guidance_interval)
             if output_type == "latent":
                 latents.append(z.cpu())
             else:

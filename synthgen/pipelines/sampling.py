@@ -56,6 +56,7 @@ def sample_latents(
     num_steps: int = 20,
     guidance_scale: float = 1.0,
     latent_size: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Denoise from per-sample noise to clean latents.
@@ -67,6 +68,10 @@ def sample_latents(
         generators: one per sample; sample i depends only on generator i and its conditions.
         guidance_scale: classifier-free guidance scale (1: conditional model alone).
         latent_size: latent side (default: the model's ``sample_size``).
+        guidance_interval: apply guidance only for steps whose position in the trajectory
+            (0 = first, noisiest step; 1 = last) lies in [lo, hi]; other steps run the
+            conditional model alone, saving the unconditional pass (Kynkaanniemi et al. 2024
+            found guidance at the noisiest and the final steps hurts diversity and helps little).
 
     Returns:
         Latents (B, C, H, W) in the VAE's normalised space.
@@ -84,10 +89,12 @@ def sample_latents(
     if guided:
         null = model.null_conditions(B, device=p.device)
         both = {k: torch.cat([v, null[k].to(v.dtype)]) for k, v in conditions.items() if v is not None}
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+    n = len(scheduler.timesteps)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
         xin = scheduler.scale_model_input(x, t)
         tt = t.expand(B).to(p.device)
-        if guided:
+        pos = i / max(n - 1, 1)
+        if guided and (guidance_interval is None or guidance_interval[0] <= pos <= guidance_interval[1]):
             out = model(torch.cat([xin, xin]), torch.cat([tt, tt]), **both).sample[:, : cfg.in_channels]
             cond, uncond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
