@@ -335,6 +335,69 @@ def assemble(out, denoiser, vae, encoder, prediction, sampler):
     click.echo(f"pipeline ({prediction}, {sampler}) -> {out}")
 
 
+@cli.group("eval")
+def eval_group():
+    """Evaluate synthetic data (fidelity now; utility, report and audits to come)."""
+
+
+@eval_group.command("fidelity")
+@click.argument("real", type=click.Path(exists=True, path_type=Path))
+@click.argument("synth", type=click.Path(exists=True, path_type=Path))
+@click.option("-e", "--encoder", "encoder_spec", required=True, metavar="SPEC",
+              help="Feature extractor: " + SPEC_HELP + ". Use a pathology encoder (e.g. timm:hf-hub:MahmoodLab/UNI2-h) "
+                   "rather than Inception.")
+@click.option("--size", type=click.IntRange(min=8), default=None, help="Resize images to this square size first.")
+@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True, help="Neighbours for precision/recall.")
+@click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Bootstrap resamples for the FD confidence interval.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
+def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, json_out):
+    """Frechet distance, KID, precision/recall/density/coverage of SYNTH against REAL.
+
+    REAL and SYNTH are image folders (ImageFolder layout gives per-class results),
+    `synthgen generate` outputs (labels read from manifest.json) or tile tables.
+    """
+    import json
+
+    from synthgen.encoders.load import load_encoder
+    from synthgen.metrics.fidelity import extract_features, fidelity_report
+
+    try:
+        encoder = load_encoder(encoder_spec)
+    except SynthgenError as e:
+        raise click.BadParameter(str(e), param_hint="--encoder") from e
+    fr, lr = extract_features(encoder, _image_set(real, size))
+    fs, ls = extract_features(encoder, _image_set(synth, size))
+    report = fidelity_report(fr, fs, lr, ls, k=k, n_bootstrap=n_bootstrap)
+    o = report["overall"]
+    click.echo(f"real {o['n_real']}  synthetic {o['n_fake']}  ({encoder_spec})")
+    click.echo(f"FD {o['fd']['value']:.4f} (95% CI {o['fd']['ci95'][0]:.4f}-{o['fd']['ci95'][1]:.4f})   "
+               f"KID {o['kid']['value']:.5f} +- {o['kid']['std']:.5f}")
+    if "precision" in o:
+        click.echo("precision {:.3f}  recall {:.3f}  density {:.3f}  coverage {:.3f}".format(
+            *(o[m]["value"] for m in ("precision", "recall", "density", "coverage"))))
+    for c, r in report.get("per_class", {}).items():
+        click.echo(f"  class {c}: FD {r['fd']['value']:.4f}  KID {r['kid']['value']:.5f}  (n={r['n_real']}/{r['n_fake']})")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+
+
+def _image_set(folder: Path, size: int | None):
+    import json
+
+    from synthgen.data.datasets import ImageListDataset, PatchDataset
+
+    if folder.is_file():  # a tile table from `synthgen tile`
+        return PatchDataset(folder)
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        items = json.loads(manifest.read_text())["items"]
+        labels = [it["label"] for it in items]
+        return ImageListDataset([folder / it["file"] for it in items],
+                                labels if all(v is not None for v in labels) else None, size=size)
+    return ImageListDataset.from_folder(folder, size=size)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns synthgen errors into one-line messages."""
     try:

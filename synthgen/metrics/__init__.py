@@ -1,0 +1,14 @@
+"""Metrics: fidelity of synthetic sets (more come with the utility, mask, stain and privacy work)."""
+
+from synthgen._lazy import lazy_getattr
+
+_EXPORTS = {
+    "frechet_distance": ".fidelity",
+    "kid": ".fidelity",
+    "prdc": ".fidelity",
+    "bootstrap": ".fidelity",
+    "fidelity_report": ".fidelity",
+    "extract_features": ".fidelity",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
