@@ -46,13 +46,13 @@ def test_stream_class_frequencies_match_the_policy(kather):
     assert ds.class_counts() == {0: (60, 0), 1: (12, 36), 2: (6, 18)}
     seen_labels, seen_synth = [], []
     for _ in range(5):  # five shuffled epochs
-        for images, labels, synthetic in DataLoader(ds, batch_size=16, shuffle=True):
+        for _images, labels, synthetic in DataLoader(ds, batch_size=16, shuffle=True):
             seen_labels += labels.tolist()
             seen_synth += synthetic.tolist()
     counts = np.bincount(seen_labels, minlength=3)
     expected = np.array([60, 48, 24]) / 132 * len(seen_labels)
     assert chisquare(counts, expected).pvalue > 0.01
-    synth_share = [np.mean([s for l, s in zip(seen_labels, seen_synth, strict=True) if l == c]) for c in range(3)]
+    synth_share = [np.mean([s for y, s in zip(seen_labels, seen_synth, strict=True) if y == c]) for c in range(3)]
     assert synth_share == pytest.approx([0.0, 0.75, 0.75])
 
 
