@@ -398,6 +398,41 @@ def _image_set(folder: Path, size: int | None):
     return ImageListDataset.from_folder(folder, size=size)
 
 
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Export folder (must not exist; written to a temporary folder and renamed when complete).")
+@click.option("--format", "fmt", type=click.Choice(["imagefolder", "webdataset", "hf"]), default="imagefolder",
+              show_default=True, help="ImageFolder PNGs, WebDataset tar shards, or a HuggingFace datasets parquet folder.")
+@click.option("--class-names", default=None, metavar="A,B,...", help="Names of label ids 0, 1, ... for folders and features.")
+@click.option("--drop-rejected", is_flag=True, help="Leave out items the class filter rejected.")
+@click.option("--licence", default="CC-BY-4.0", show_default=True, help="Licence stated in DATASHEET.md.")
+def export(source, out, fmt, class_names, drop_rejected, licence):
+    """Export SOURCE (a `synthgen generate` output) as a shareable dataset with manifest.json
+    (per-item sha256, model hash, seeds, condition kinds) and DATASHEET.md. Images are re-encoded
+    from pixels; no source names, metadata or embeddings are included."""
+    from synthgen.export.writers import export_dataset
+
+    names = class_names.split(",") if class_names else None
+    path = export_dataset(source, out, fmt, class_names=names, drop_rejected=drop_rejected, licence=licence)
+    click.echo(f"exported ({fmt}) -> {path}")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(export_dir):
+    """Re-check every checksum of an export against its manifest (exit status 1 on any problem)."""
+    from synthgen.export.writers import verify_export
+
+    result = verify_export(export_dir)
+    for p in result["problems"]:
+        click.echo(p, err=True)
+    if not result["ok"]:
+        click.echo(f"FAILED: {len(result['problems'])} problem(s) in {export_dir}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {result['checked']} file(s) match manifest.json")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns synthgen errors into one-line messages."""
     try:
