@@ -407,15 +407,59 @@ def _image_set(folder: Path, size: int | None):
 @click.option("--class-names", default=None, metavar="A,B,...", help="Names of label ids 0, 1, ... for folders and features.")
 @click.option("--drop-rejected", is_flag=True, help="Leave out items the class filter rejected.")
 @click.option("--licence", default="CC-BY-4.0", show_default=True, help="Licence stated in DATASHEET.md.")
-def export(source, out, fmt, class_names, drop_rejected, licence):
+@click.option("--audit-against", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Training data of the generating model (tile table or image folder): run the memorisation audit "
+                   "and gate the export on it.")
+@click.option("--audit-encoder", default=None, metavar="SPEC",
+              help="Encoder for the audit's feature space (e.g. ssl:checkpoints/synthgen-small-cmu/image_encoder).")
+@click.option("--audit-threshold", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
+              help="Flag items nearer to a training item than this fraction of the median real-to-real distance.")
+@click.option("--max-flagged", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Refuse the export when more than this fraction of items is flagged.")
+@click.option("--allow-risk", is_flag=True, help="Export even when the audit flags too many items (recorded).")
+@click.option("--drop-flagged", is_flag=True, help="Remove flagged items from the export.")
+def export(source, out, fmt, class_names, drop_rejected, licence, audit_against, audit_encoder, audit_threshold,
+           max_flagged, allow_risk, drop_flagged):
     """Export SOURCE (a `synthgen generate` output) as a shareable dataset with manifest.json
     (per-item sha256, model hash, seeds, condition kinds) and DATASHEET.md. Images are re-encoded
     from pixels; no source names, metadata or embeddings are included."""
     from synthgen.export.writers import export_dataset
 
     names = class_names.split(",") if class_names else None
-    path = export_dataset(source, out, fmt, class_names=names, drop_rejected=drop_rejected, licence=licence)
+    audit = None
+    if audit_against is not None:
+        if not audit_encoder:
+            raise click.UsageError("--audit-against needs --audit-encoder")
+        audit = _audit(source, audit_against, audit_encoder, audit_threshold)
+        click.echo(f"audit: {sum(audit['flagged'])} of {len(audit['flagged'])} items flagged as near-copies "
+                   f"(threshold {audit_threshold})")
+    elif drop_flagged or allow_risk:
+        raise click.UsageError("--drop-flagged and --allow-risk need --audit-against")
+    path = export_dataset(source, out, fmt, class_names=names, drop_rejected=drop_rejected, licence=licence,
+                          audit=audit, max_flagged=max_flagged, allow_risk=allow_risk, drop_flagged=drop_flagged)
     click.echo(f"exported ({fmt}) -> {path}")
+
+
+def _audit(source: Path, real: Path, encoder_spec: str, threshold: float) -> dict:
+    import json
+
+    import torch
+
+    from synthgen.data.datasets import ImageListDataset
+    from synthgen.encoders.load import load_encoder
+    from synthgen.metrics.fidelity import extract_features
+    from synthgen.metrics.privacy import memorization_audit, thumbnails
+
+    items = json.loads((source / "manifest.json").read_text())["items"]
+    synth = ImageListDataset([source / it["file"] for it in items])
+    side = synth[0]["image"].shape[-1]
+    real_ds = _image_set(real, side) if real.is_dir() else _image_set(real, None)
+    enc = load_encoder(encoder_spec)
+    fs, _ = extract_features(enc, synth)
+    fr, _ = extract_features(enc, real_ds)
+    ps = thumbnails(torch.stack([synth[i]["image"] for i in range(len(synth))]))
+    pr = thumbnails(torch.stack([real_ds[i]["image"] for i in range(len(real_ds))]))
+    return memorization_audit(fs, fr, ps, pr, threshold=threshold)
 
 
 @cli.command()

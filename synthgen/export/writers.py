@@ -41,7 +41,8 @@ def _sha(data: bytes) -> str:
 
 def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "imagefolder",
                    class_names: list[str] | None = None, drop_rejected: bool = False, shard_size: int = 1000,
-                   licence: str = "CC-BY-4.0", purpose: str | None = None) -> Path:
+                   licence: str = "CC-BY-4.0", purpose: str | None = None, audit: dict | None = None,
+                   max_flagged: float = 0.01, allow_risk: bool = False, drop_flagged: bool = False) -> Path:
     """Export a ``synthgen generate`` output folder.
 
     Args:
@@ -51,9 +52,14 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
         class_names: names for label ids (default: ``class_<id>``).
         drop_rejected: leave out items the class filter rejected.
         shard_size: items per WebDataset tar / parquet file.
+        audit: a :func:`~synthgen.metrics.privacy.memorization_audit` report over the source's
+            items (in manifest order). The export refuses when more than ``max_flagged`` of the
+            exported items are flagged near-copies, unless ``allow_risk``; ``drop_flagged``
+            removes them instead. The audit summary and per-item ratios go into the manifest.
 
     Raises:
-        SynthgenError: unknown format, existing output, missing or tampered source items.
+        SynthgenError: unknown format, existing output, missing or tampered source items, or
+            the privacy gate.
     """
     if fmt not in FORMATS:
         raise SynthgenError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -64,7 +70,26 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
     if not man_path.exists():
         raise SynthgenError(f"{source}: no manifest.json (is this a finished `synthgen generate` output?)")
     src = json.loads(man_path.read_text())
-    items = [it for it in src["items"] if not (drop_rejected and it.get("accepted") is False)]
+    items = list(src["items"])
+    if audit is not None:
+        if len(audit["flagged"]) != len(items):
+            raise SynthgenError(f"audit covers {len(audit['flagged'])} items but {source} has {len(items)}")
+        items = [dict(it, nn_ratio=audit["ratio"][i], flagged=audit["flagged"][i]) for i, it in enumerate(items)]
+    items = [it for it in items if not (drop_rejected and it.get("accepted") is False)]
+    if audit is not None:
+        n_flagged = sum(it["flagged"] for it in items)
+        if drop_flagged:
+            items = [it for it in items if not it["flagged"]]
+        elif items and n_flagged / len(items) > max_flagged and not allow_risk:
+            raise SynthgenError(
+                f"export refused: {n_flagged} of {len(items)} items ({n_flagged / len(items):.1%}) are near-copies of "
+                f"training items (limit {max_flagged:.1%}); use --drop-flagged to remove them or --allow-risk to "
+                "export anyway")
+        src = dict(src, privacy_audit={
+            "threshold": audit["threshold"], "n_checked": len(audit["flagged"]), "n_flagged": n_flagged,
+            "flagged_fraction": audit["flagged_fraction"], "dropped_flagged": drop_flagged,
+            "allow_risk": allow_risk and not drop_flagged, "n_real_reference": audit["n_real"],
+            "pixel_check": "pixel_ratio" in audit})
     if not items:
         raise SynthgenError(f"{source}: no items to export")
 
@@ -136,8 +161,11 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
 
 
 def _record(k: int, it: dict, rel: str, sha: str) -> dict:
-    return {"index": k, "file": rel, "sha256": sha, "label": it["label"], "seed": it["seed"],
-            "condition": it["condition"], "accepted": it.get("accepted")}
+    rec = {"index": k, "file": rel, "sha256": sha, "label": it["label"], "seed": it["seed"],
+           "condition": it["condition"], "accepted": it.get("accepted")}
+    if "nn_ratio" in it:
+        rec.update(nn_ratio=it["nn_ratio"], flagged=it["flagged"])
+    return rec
 
 
 def _write_parquet(tmp: Path, data, shard_size, class_names, name_of, records) -> None:
