@@ -52,6 +52,9 @@ def _convert(value: Any, tp, path: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message is the precise one
+            return _convert(value, real[0], path)
         errors = []
         for a in args:
             if a is type(None):

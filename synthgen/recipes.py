@@ -1,0 +1,274 @@
+"""YAML recipes: a whole study (tile -> cache -> train -> generate -> export -> evaluate) as one
+validated file, run with ``synthgen run recipe.yaml``.
+
+Each step writes into ``output_dir/<step>/``. A step is skipped when its configuration and the
+steps it reads from are unchanged since it last completed (content hashes in
+``output_dir/.steps.json``); a changed step is redone from scratch, and so is everything after
+it. An interrupted step resumes with its own mechanism (cache shards, generation records,
+training checkpoints); exports are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from synthgen.config import ConfigError, from_dict, merge, parse_overrides, to_dict
+
+STEPS = ("tile", "cache", "train", "generate", "export", "evaluate")
+
+
+@dataclass(frozen=True)
+class TileStep:
+    slides: tuple[str, ...]
+    mpp: float = 1.0
+    size: int = 64
+    overlap: int = 0
+    min_tissue: float = 0.5
+    slide_mpp: float | None = None
+    roi: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    encoders: dict  # name -> encoder spec (see `synthgen cache --help`)
+    batch_size: int = 32
+    shard_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    config: str  # a `synthgen train` YAML; data.cache points at this recipe's cache when there is one
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerateStep:
+    pipeline: str
+    n: int
+    mode: Literal["variations", "prior", "interpolation", "class"] = "variations"
+    label: int | None = None
+    prior: str | None = None
+    filter: bool = False
+    guidance: float = 2.0
+    steps: int = 20
+    seed: int = 0
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class ExportStep:
+    format: Literal["imagefolder", "webdataset", "hf"] = "imagefolder"
+    class_names: tuple[str, ...] | None = None
+    audit_encoder: str | None = None  # set to gate the export on the memorisation audit
+    audit_threshold: float = 0.5
+    max_flagged: float = 0.01
+    drop_flagged: bool = False
+    allow_risk: bool = False
+    licence: str = "CC-BY-4.0"
+
+
+@dataclass(frozen=True)
+class EvaluateStep:
+    encoder: str
+    bootstrap: int = 100
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    output_dir: str
+    tile: TileStep | None = None
+    cache: CacheStep | None = None
+    train: TrainStep | None = None
+    generate: GenerateStep | None = None
+    export: ExportStep | None = None
+    evaluate: EvaluateStep | None = None
+
+    def __post_init__(self):
+        if not any(getattr(self, s) for s in STEPS):
+            raise ConfigError(f"recipe {self.name!r}: no steps (give at least one of: {', '.join(STEPS)})")
+        if self.cache and not self.tile:
+            raise ConfigError("cache: needs a tile step (it encodes the tiles)")
+        if self.export and not self.generate:
+            raise ConfigError("export: needs a generate step (it exports the generated images)")
+        if self.export and self.export.audit_encoder and not self.tile:
+            raise ConfigError("export.audit_encoder: the audit compares against the tiles of a tile step")
+        if self.evaluate and not (self.generate and self.tile):
+            raise ConfigError("evaluate: needs tile and generate steps (real vs synthetic)")
+        if self.generate and self.generate.mode in ("variations", "interpolation") and not self.cache:
+            raise ConfigError(f"generate.mode: {self.generate.mode!r} draws real embeddings from a cache step")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe; errors name the field and the allowed values."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such recipe") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if overrides:
+        data = merge(data, parse_overrides(list(overrides)))
+    return from_dict(Recipe, data)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """(step, hash, 'run' | 'skip') in order; a step's hash covers its config and its inputs'."""
+    out_dir = Path(recipe.output_dir)
+    state = _state(out_dir)
+    rows, upstream, dirty = [], "", False
+    for name in STEPS:
+        step = getattr(recipe, name)
+        if step is None:
+            continue
+        h = _hash([name, to_dict(step), upstream, _file_hashes(name, step)])
+        done = state.get(name) == h and (out_dir / name).exists()
+        dirty = dirty or not done
+        rows.append((name, h, "run" if dirty else "skip"))
+        upstream = h
+    return rows
+
+
+def _file_hashes(name: str, step) -> dict:
+    """Content of the files a step reads, so that editing them reruns the step."""
+    files = []
+    if name == "tile":
+        files = list(step.slides)
+    elif name == "train":
+        files = [step.config]
+    out = {}
+    for f in files:
+        p = Path(f)
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                h.update(fh.read(1 << 20))
+            out[f] = f"{p.stat().st_size}:{h.hexdigest()[:16]}"
+    return out
+
+
+def _state(out_dir: Path) -> dict:
+    f = out_dir / ".steps.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _mark(out_dir: Path, name: str, h: str) -> None:
+    state = _state(out_dir)
+    state[name] = h
+    tmp = out_dir / ".steps.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(out_dir / ".steps.json")
+
+
+def run(recipe: Recipe, dry_run: bool = False, echo=print) -> list[tuple[str, str, str]]:
+    """Run the steps that changed; returns the plan that was followed."""
+    rows = plan(recipe)
+    out = Path(recipe.output_dir)
+    if dry_run:
+        return rows
+    out.mkdir(parents=True, exist_ok=True)
+    state = _state(out)
+    for name, h, action in rows:
+        if action == "skip":
+            echo(f"[{name}] unchanged, skipped")
+            continue
+        if state.get(name) not in (None, h) and (out / name).exists():
+            shutil.rmtree(out / name)  # its configuration or inputs changed: redo from scratch
+        echo(f"[{name}] running")
+        getattr(_Steps(recipe, out), name)()
+        _mark(out, name, h)
+    return rows
+
+
+class _Steps:
+    def __init__(self, recipe: Recipe, out: Path):
+        self.r, self.out = recipe, out
+
+    def tile(self):
+        from synthgen.data.slides import Slide, slide_key
+        from synthgen.data.tiling import TileSpec, find_slides, tile_slide, write_tile_table
+
+        s = self.r.tile
+        spec = TileSpec(mpp=s.mpp, size=s.size, overlap=s.overlap, min_tissue=s.min_tissue,
+                        roi=tuple(s.roi) if s.roi else None)
+        tiles, slides = [], {}
+        for path in find_slides(list(s.slides)):
+            with Slide(path, mpp=s.slide_mpp) as sl:
+                key = slide_key(path)
+                tiles += tile_slide(sl, spec, key)
+                slides[key] = {"path": str(path.resolve()), **sl.info()}
+        write_tile_table(tiles, self.out / "tile" / "tiles.csv", slides)
+
+    def cache(self):
+        from synthgen.data.cache import build_cache
+        from synthgen.data.datasets import PatchDataset
+        from synthgen.encoders.load import load_encoder
+
+        s = self.r.cache
+        encoders = {name: load_encoder(spec) for name, spec in s.encoders.items()}
+        build_cache(PatchDataset(self.out / "tile" / "tiles.csv"), self.out / "cache", encoders,
+                    batch_size=s.batch_size, shard_size=s.shard_size, fingerprint={"encoders": s.encoders})
+
+    def train(self):
+        from synthgen.config import load_train_config
+        from synthgen.training.trainer import train
+
+        s = self.r.train
+        extra = {"output_dir": str(self.out / "train")}
+        if self.r.cache:
+            extra["data"] = {"cache": str(self.out / "cache")}
+        cfg = load_train_config(s.config, merge(merge(s.overrides, {}), extra))
+        resume = "latest" if (self.out / "train" / "checkpoints").exists() else None
+        result = train(cfg, resume=resume)
+        if result.interrupted:
+            raise ConfigError(f"train: interrupted at step {result.step}; rerun the recipe to resume")
+
+    def generate(self):
+        from synthgen.pipelines.cli_generate import run_generate
+
+        s = self.r.generate
+        run_generate(pipeline=Path(s.pipeline), out=self.out / "generate", n=s.n, mode=s.mode,
+                     cache_dir=(self.out / "cache") if self.r.cache else None, embedding_key="emb", images_dir=None,
+                     label=s.label, prior_dir=Path(s.prior) if s.prior else None, use_filter=s.filter,
+                     guidance=s.guidance, steps=s.steps, sampler=None, seed=s.seed, batch_size=s.batch_size)
+
+    def export(self):
+        from synthgen.cli import _audit
+        from synthgen.export.writers import export_dataset
+
+        s = self.r.export
+        audit = None
+        if s.audit_encoder:
+            audit = _audit(self.out / "generate", self.out / "tile" / "tiles.csv", s.audit_encoder, s.audit_threshold)
+        manifest = json.loads((self.out / "generate" / "manifest.json").read_text())
+        manifest["recipe_sha256"] = _hash(to_dict(self.r))
+        (self.out / "generate" / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        export_dataset(self.out / "generate", self.out / "export", s.format,
+                       class_names=list(s.class_names) if s.class_names else None, licence=s.licence, audit=audit,
+                       max_flagged=s.max_flagged, allow_risk=s.allow_risk, drop_flagged=s.drop_flagged)
+
+    def evaluate(self):
+        from synthgen.cli import _image_set
+        from synthgen.encoders.load import load_encoder
+        from synthgen.metrics.fidelity import extract_features, fidelity_report
+
+        enc = load_encoder(self.r.evaluate.encoder)
+        fr, _ = extract_features(enc, _image_set(self.out / "tile" / "tiles.csv", None))
+        fs, _ = extract_features(enc, _image_set(self.out / "generate", None))
+        report = fidelity_report(fr, fs, n_bootstrap=self.r.evaluate.bootstrap)
+        (self.out / "evaluate").mkdir(parents=True, exist_ok=True)
+        (self.out / "evaluate" / "fidelity.json").write_text(json.dumps(report, indent=1))

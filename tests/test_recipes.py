@@ -1,0 +1,93 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from synthgen.config import ConfigError
+from synthgen.recipes import load_recipe, plan, run
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "recipes" / "quickstart.yaml"
+
+
+def _small(tmp_path, *extra):
+    return load_recipe(QUICK, [f"output_dir={tmp_path / 'qs'}", "generate.n=4", "generate.steps=2",
+                               "evaluate.bootstrap=5", "tile.overlap=0", *extra])
+
+
+def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe's paths are relative to the repository
+    r = _small(tmp_path)
+    assert [a for *_, a in run(r, echo=lambda *_: None)] == ["run"] * 5
+    out = tmp_path / "qs"
+    m = json.loads((out / "export" / "manifest.json").read_text())
+    assert m["num_items"] == 4 and m["privacy_audit"]["n_checked"] == 4 and m["recipe_sha256"]
+    assert json.loads((out / "evaluate" / "fidelity.json").read_text())["overall"]["n_fake"] == 4
+    assert [a for *_, a in plan(r)] == ["skip"] * 5
+    changed = _small(tmp_path, "generate.seed=3")
+    assert [a for *_, a in plan(changed)] == ["skip", "skip", "run", "run", "run"]
+    run(changed, echo=lambda *_: None)
+    m2 = json.loads((out / "export" / "manifest.json").read_text())
+    assert m2["generator"]["seed"] == 3 and m2["items"][0]["sha256"] != m["items"][0]["sha256"]
+
+
+def test_interrupted_generate_resumes_without_duplicates(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    r = _small(tmp_path, "generate.n=6")
+    import synthgen.pipelines.jobs as jobs
+
+    real = jobs.run_plan
+    calls = {"n": 0}
+
+    def dying(pipe, plan_, out, **kw):  # generate 4 of 6 images, then "get killed"
+        kw["batch_size"] = 2
+        sub = jobs.GenerationPlan(plan_.embeddings[:4], plan_.labels[:4], plan_.seeds[:4], plan_.kind)
+        real(pipe, sub, out, **kw)
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "run_plan", dying)  # run_generate imports it at call time
+    with pytest.raises(KeyboardInterrupt):
+        run(r, echo=lambda *_: None)
+    assert calls["n"] == 1 and not (tmp_path / "qs" / "export").exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(REPO)
+    rows = run(r, echo=lambda *_: None)
+    assert [a for *_, a in rows] == ["skip", "skip", "run", "run", "run"]
+    m = json.loads((tmp_path / "qs" / "export" / "manifest.json").read_text())
+    assert m["num_items"] == 6 and len({it["seed"] for it in m["items"]}) == 6
+
+
+BROKEN = [
+    ({"name": "x", "output_dir": "o"}, r"no steps"),
+    ({"name": "x", "output_dir": "o", "tilee": {}}, r"tilee: unknown field \(allowed: name, output_dir, tile"),
+    ({"name": "x", "output_dir": "o", "tile": {"slides": ["a.svs"], "mpp": "fast"}}, r"tile\.mpp: expected a number"),
+    ({"name": "x", "output_dir": "o", "tile": {"mpp": 1.0}}, r"tile\.slides: required field is missing"),
+    ({"name": "x", "output_dir": "o", "tile": {"slides": ["a"]}, "cache": {"encoders": {}},
+      "generate": {"pipeline": "p", "n": 2, "mode": "dream"}},
+     r"generate\.mode: 'dream' is not one of variations, prior, interpolation, class"),
+    ({"name": "x", "output_dir": "o", "cache": {"encoders": {"emb": "ssl:x"}}}, r"cache: needs a tile step"),
+    ({"name": "x", "output_dir": "o", "tile": {"slides": ["a"]}, "export": {}}, r"export: needs a generate step"),
+    ({"name": "x", "output_dir": "o", "tile": {"slides": ["a"]}, "generate": {"pipeline": "p", "n": 2}},
+     r"generate\.mode: 'variations' draws real embeddings from a cache step"),
+    ({"name": "x", "output_dir": "o", "tile": {"slides": ["a"]}, "cache": {"encoders": {}},
+      "generate": {"pipeline": "p", "n": 2}, "export": {"format": "zip"}},
+     r"export\.format: 'zip' is not one of imagefolder, webdataset, hf"),
+    ({"output_dir": "o", "tile": {"slides": ["a"]}}, r"name: required field is missing"),
+]
+
+
+@pytest.mark.parametrize("data,match", BROKEN)
+def test_broken_recipes_get_precise_messages(tmp_path, data, match):
+    f = tmp_path / "r.yaml"
+    f.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(f)
+
+
+def test_unreadable_recipes(tmp_path):
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("tile: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
