@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from synthgen import __version__
 from synthgen.config import ConfigError, from_dict, merge, parse_overrides, to_dict
 
 STEPS = ("tile", "cache", "train", "generate", "export", "evaluate")
@@ -135,7 +136,7 @@ def plan(recipe: Recipe) -> list[tuple[str, str, str]]:
         step = getattr(recipe, name)
         if step is None:
             continue
-        h = _hash([name, to_dict(step), upstream, _file_hashes(name, step)])
+        h = _hash([name, to_dict(step), upstream, _file_hashes(name, step), __version__])
         done = state.get(name) == h and (out_dir / name).exists()
         dirty = dirty or not done
         rows.append((name, h, "run" if dirty else "skip"))
@@ -270,5 +271,44 @@ class _Steps:
         fr, _ = extract_features(enc, _image_set(self.out / "tile" / "tiles.csv", None))
         fs, _ = extract_features(enc, _image_set(self.out / "generate", None))
         report = fidelity_report(fr, fs, n_bootstrap=self.r.evaluate.bootstrap)
-        (self.out / "evaluate").mkdir(parents=True, exist_ok=True)
-        (self.out / "evaluate" / "fidelity.json").write_text(json.dumps(report, indent=1))
+        ev = self.out / "evaluate"
+        ev.mkdir(parents=True, exist_ok=True)
+        (ev / "fidelity.json").write_text(json.dumps(report, indent=1))
+        contact_sheet(self.out / "tile" / "tiles.csv", self.out / "generate", ev / "contact_sheet.png")
+        (ev / "summary.md").write_text(_summary(self.r, self.out, report))
+
+
+def contact_sheet(tiles: Path, generated: Path, path: Path, n: int = 8) -> Path:
+    """PNG: a row of real tiles above rows of synthetic images (up to 3 x ``n``)."""
+    import torch
+
+    from synthgen.cli import _image_set
+    from synthgen.training.tasks import _save_grid
+
+    real, synth = _image_set(tiles, None), _image_set(generated, None)
+    g = torch.Generator().manual_seed(0)
+    ridx = torch.randperm(len(real), generator=g)[:n].tolist()
+    rows = [real[i]["image"] for i in ridx] + [synth[i]["image"] for i in range(min(len(synth), 2 * n))]
+    side = rows[0].shape[-1]
+    rows = [r if r.shape[-1] == side else torch.nn.functional.interpolate(r[None].float(), size=(side, side))[0]
+            .to(torch.uint8) for r in rows]
+    _save_grid(torch.stack(rows), path, nrow=n)
+    return path
+
+
+def _summary(recipe: Recipe, out: Path, report: dict) -> str:
+    o = report["overall"]
+    lines = [f"# {recipe.name}", "", f"- real tiles: {o['n_real']}; synthetic images: {o['n_fake']}",
+             f"- FD {o['fd']['value']:.3f} (95% CI {o['fd']['ci95'][0]:.3f}-{o['fd']['ci95'][1]:.3f}), "
+             f"KID {o['kid']['value']:.4f}"]
+    if "precision" in o:
+        lines.append("- precision {:.2f}, recall {:.2f}, density {:.2f}, coverage {:.2f}".format(
+            *(o[m]["value"] for m in ("precision", "recall", "density", "coverage"))))
+    exp = out / "export" / "manifest.json"
+    if exp.exists():
+        m = json.loads(exp.read_text())
+        audit = m.get("privacy_audit") or {}
+        lines.append(f"- export: {m['num_items']} items ({m['format']}) in {out / 'export'}; "
+                     f"audit: {audit.get('n_flagged', 'not run')} flagged of {audit.get('n_checked', '-')}")
+    lines.append(f"- contact sheet: {out / 'evaluate' / 'contact_sheet.png'} (top row real, then synthetic)")
+    return "\n".join(lines) + "\n"

@@ -23,6 +23,13 @@ def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monk
     m = json.loads((out / "export" / "manifest.json").read_text())
     assert m["num_items"] == 4 and m["privacy_audit"]["n_checked"] == 4 and m["recipe_sha256"]
     assert json.loads((out / "evaluate" / "fidelity.json").read_text())["overall"]["n_fake"] == 4
+    assert "audit: 0 flagged of 4" in (out / "evaluate" / "summary.md").read_text()
+    from PIL import Image
+
+    assert Image.open(out / "evaluate" / "contact_sheet.png").size == (8 * 64, 64 + 64)  # real row + 4 synthetic
+    from synthgen.export.writers import verify_export
+
+    assert verify_export(out / "export")["ok"]
     assert [a for *_, a in plan(r)] == ["skip"] * 5
     changed = _small(tmp_path, "generate.seed=3")
     assert [a for *_, a in plan(changed)] == ["skip", "skip", "run", "run", "run"]
