@@ -55,14 +55,11 @@ def _convert(value: Any, tp, path: str):
         real = [a for a in args if a is not type(None)]
         if len(real) == 1:  # Optional[X]: X's own message is the precise one
             return _convert(value, real[0], path)
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        for a in real:
             try:
                 return _convert(value, a, path)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value

@@ -193,8 +193,7 @@ class DenoiserTask(Task):
             save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()},
                       str(path / "lora_adapter.safetensors"))
             merged = type(net).from_config(net.config)
-            state = {k: v for k, v in _merged_state_dict(net).items()}
-            merged.load_state_dict(state)
+            merged.load_state_dict(_merged_state_dict(net))
             merged.save_pretrained(path)
             return
         net.save_pretrained(path)

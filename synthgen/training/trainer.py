@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -339,8 +338,3 @@ def _has_tensorboard() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
-
-
-def total_steps_per_epoch(n: int, cfg: TrainConfig, world: int = 1) -> int:
-    """Optimizer steps in one pass over ``n`` samples."""
-    return max(1, math.floor((n // world) // cfg.optim.batch_size / cfg.optim.grad_accum))
