@@ -382,6 +382,46 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, json_out):
         json_out.write_text(json.dumps(report, indent=1))
 
 
+@eval_group.command("utility")
+@click.argument("train_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("test_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="SynthPipeline folder generating the synthetic samples.")
+@click.option("--mode", type=click.Choice(["variation", "class"]), default="variation", show_default=True,
+              help="variation: condition on embeddings of real training images; class: class-conditional model.")
+@click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Image size for the classifier.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Repeats with different seeds.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Sampling steps.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
+def eval_utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps, json_out):
+    """Train-on-synthetic utility: a small classifier trained on real, real + classical augmentation,
+    real + synthgen samples (classes balanced up to 1:3) and synthetic only, tested on TEST_DIR.
+
+    TRAIN_DIR and TEST_DIR are ImageFolder layouts (one sub-folder per class).
+    """
+    import json
+
+    from synthgen.augment import PipelineGenerator
+    from synthgen.data.datasets import ImageListDataset
+    from synthgen.metrics.utility import utility_study
+
+    train = ImageListDataset.from_folder(train_dir, size=size)
+    test = ImageListDataset.from_folder(test_dir, size=size)
+    if train.labels is None or test.labels is None or train.classes != test.classes:
+        raise click.UsageError("TRAIN_DIR and TEST_DIR need the same class sub-folders")
+    gen = PipelineGenerator(str(pipeline), mode=mode, num_inference_steps=steps)
+    rep = utility_study(train, test, train.labels, gen, seeds=tuple(range(seeds)), epochs=epochs)
+    click.echo(f"rare class: {train.classes[rep['rare_class']]}; train counts "
+               + ", ".join(f"{train.classes[c]} {n}" for c, n in rep["train_counts"].items()))
+    for arm, r in rep["arms"].items():
+        ba, rr = r["balanced_accuracy"], r["rare_class_recall"]
+        click.echo(f"{arm:15s} balanced accuracy {ba['mean']:.3f} [{ba['ci95'][0]:.3f}, {ba['ci95'][1]:.3f}]   "
+                   f"rare-class recall {rr['mean']:.3f} [{rr['ci95'][0]:.3f}, {rr['ci95'][1]:.3f}]")
+    if json_out:
+        json_out.write_text(json.dumps(rep, indent=1))
+
+
 def _image_set(folder: Path, size: int | None):
     import json
 
