@@ -281,11 +281,11 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
-    """Read a YAML training config, apply ``key=value`` overrides, validate.
+def load_yaml(cls, path: str | Path | None, overrides: list[str] | dict | None = None, what: str = "config"):
+    """Read a YAML mapping, apply ``key=value`` overrides, build and validate dataclass ``cls``.
 
     Raises:
-        ConfigError: unreadable file or invalid field (the message names the field).
+        ConfigError: missing or invalid file, or an invalid field (the message names it).
     """
     import yaml
 
@@ -295,11 +295,20 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | dic
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError as e:
-            raise ConfigError(f"{path}: no such config file") from e
+            raise ConfigError(f"{path}: no such {what}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     if overrides:
         data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
-    return from_dict(TrainConfig, data)
+    return from_dict(cls, data)
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Read a YAML training config, apply ``key=value`` overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file or invalid field (the message names the field).
+    """
+    return load_yaml(TrainConfig, path, overrides, "config file")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from synthgen import __version__
-from synthgen.config import ConfigError, from_dict, merge, parse_overrides, to_dict
+from synthgen.config import ConfigError, load_yaml, merge, to_dict
 
 STEPS = ("tile", "cache", "train", "generate", "export", "evaluate")
 
@@ -107,20 +107,7 @@ class Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe; errors name the field and the allowed values."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such recipe") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    if overrides:
-        data = merge(data, parse_overrides(list(overrides)))
-    return from_dict(Recipe, data)
+    return load_yaml(Recipe, path, overrides, "recipe")
 
 
 def _hash(obj) -> str:
