@@ -219,7 +219,7 @@ class _Steps:
         extra = {"output_dir": str(self.out / "train")}
         if self.r.cache:
             extra["data"] = {"cache": str(self.out / "cache")}
-        cfg = load_train_config(s.config, merge(merge(s.overrides, {}), extra))
+        cfg = load_train_config(s.config, merge(s.overrides, extra))
         resume = "latest" if (self.out / "train" / "checkpoints").exists() else None
         result = train(cfg, resume=resume)
         if result.interrupted:

@@ -98,3 +98,25 @@ def test_unreadable_recipes(tmp_path):
     (tmp_path / "bad.yaml").write_text("tile: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+def test_recipe_train_step_uses_the_recipe_cache(cmu, tmp_path):
+    train_cfg = tmp_path / "den.yaml"
+    train_cfg.write_text(json.dumps({
+        "task": "denoiser", "output_dir": "ignored", "steps": 3,
+        "model": {"preset": "tiny", "overrides": {"in_channels": 3, "out_channels": 3, "caption_channels": 8,
+                                                   "caption_num_tokens": 4}},
+        "data": {"num_workers": 0}, "optim": {"batch_size": 4}, "log_every": 1}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "name": "train-only", "output_dir": str(tmp_path / "out"),
+        "tile": {"slides": [str(cmu)], "mpp": 2.0, "size": 64},
+        "cache": {"encoders": {"latents": "tiny_encoders:pooled_latents", "emb": "tiny_encoders:color_tokens"}},
+        "train": {"config": str(train_cfg), "overrides": {"optim": {"lr": 1e-3}}}}))
+    r = load_recipe(recipe)
+    run(r, echo=lambda *_: None)
+    cfg = json.loads((tmp_path / "out" / "train" / "config.json").read_text())
+    assert cfg["data"]["cache"] == str(tmp_path / "out" / "cache") and cfg["optim"]["lr"] == 1e-3
+    assert (tmp_path / "out" / "train" / "model" / "config.json").exists()
+    train_cfg.write_text(train_cfg.read_text().replace('"steps": 3', '"steps": 4'))  # editing the file reruns train
+    assert [a for *_, a in plan(r)] == ["skip", "skip", "run"]
