@@ -55,7 +55,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(cache), (args.n,), generator=g).tolist()
     emb = torch.stack([cache[i]["emb"] for i in idx]).float()
-    size = pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = pipe.image_size
 
     stock = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, transformer=pipe.transformer, vae=pipe.vae,
                                 scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))

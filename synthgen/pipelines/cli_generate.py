@@ -46,8 +46,7 @@ def build_plan(pipe, n: int, mode: str | None, cache_dir, embedding_key: str, im
     if images_dir is not None:
         from synthgen.data.datasets import ImageListDataset
 
-        side = pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        ds = ImageListDataset.from_folder(images_dir, size=side)  # the model's image size
+        ds = ImageListDataset.from_folder(images_dir, size=pipe.image_size)
         refs = pipe.encode_images(torch.stack([ds[i]["image"] for i in range(len(ds))])).cpu()
         return GenerationPlan(refs[torch.randint(0, len(refs), (n,), generator=g)], labels, seeds, "variations")
     if cache_dir is None:
@@ -115,7 +114,7 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
 
     pipe = SynthPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
-    down = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    down = pipe.vae_scale
     win_px = pipe.transformer.config.sample_size * down
     ov_px = win_px // 2 if overlap is None else overlap
     if reference is not None:

@@ -68,6 +68,16 @@ class SynthPipeline(DiffusionPipeline):
 
         return VAE(self.vae)
 
+    @property
+    def vae_scale(self) -> int:
+        """Image pixels per latent pixel (the VAE owns it)."""
+        return self._vae().downscale
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the denoiser was trained on."""
+        return self.transformer.config.sample_size * self.vae_scale
+
     def encode_images(self, images, image_encoder=None) -> torch.Tensor:
         """Reference images (uint8 tensor (B,3,H,W), numpy (B,H,W,3) or PIL list) -> embedding tokens."""
         enc = image_encoder or self.image_encoder

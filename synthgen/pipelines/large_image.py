@@ -56,7 +56,7 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
 
     model, sched = pipe.transformer, pipe.scheduler
     cfg = model.config
-    down = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    down = pipe.vae_scale
     if size % down:
         raise ValueError(f"size {size} must be a multiple of the VAE's downscale factor {down}")
     win = cfg.sample_size
