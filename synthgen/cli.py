@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -179,7 +178,9 @@ def cache(source, out, encoders, slides_json, size, shard_size, batch_size, num_
 
 
 def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    from synthgen._io import sha256_file
+
+    return sha256_file(path)[:16]
 
 
 @cli.command()

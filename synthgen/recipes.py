@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from synthgen import __version__
+from synthgen._io import atomic_write_text
 from synthgen.config import ConfigError, load_yaml, merge, to_dict
 
 STEPS = ("tile", "cache", "train", "generate", "export", "evaluate")
@@ -157,9 +158,7 @@ def _state(out_dir: Path) -> dict:
 def _mark(out_dir: Path, name: str, h: str) -> None:
     state = _state(out_dir)
     state[name] = h
-    tmp = out_dir / ".steps.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(out_dir / ".steps.json")
+    atomic_write_text(out_dir / ".steps.json", json.dumps(state, indent=1))
 
 
 def run(recipe: Recipe, dry_run: bool = False, echo=print) -> list[tuple[str, str, str]]:

@@ -3,17 +3,11 @@ import shutil
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from synthgen.cli import main
 from synthgen.errors import SynthgenError
 from synthgen.export.writers import export_dataset, verify_export
-
-
-def _run(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        assert e.code in (0, None), e
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def generated(cmu, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     slide = root / "TCGA-AA-1234-01Z-00-DX1.svs"
     shutil.copy(cmu, slide)
-    _run(["tile", str(slide), "--mpp", "2.0", "--size", "32", "-o", str(root / "tiles.csv")])
+    run_cli(["tile", str(slide), "--mpp", "2.0", "--size", "32", "-o", str(root / "tiles.csv")])
     torch.manual_seed(0)
     enc = SSLEncoder(**encoder_config("tiny")).eval()
 
@@ -42,9 +36,9 @@ def generated(cmu, tmp_path_factory):
     build_cache(Labelled(root / "tiles.csv"), root / "cache", {"emb": enc}, progress=False)
     SynthPipeline(Denoiser(**denoiser_config("tiny")).eval(), VAE.from_preset("tiny").model.eval(),
                   make_scheduler("epsilon"), image_encoder=enc).save_pretrained(root / "pipe")
-    _run(["generate", str(root / "pipe"), "-o", str(root / "gen"), "-n", "6", "--cache", str(root / "cache"),
+    run_cli(["generate", str(root / "pipe"), "-o", str(root / "gen"), "-n", "6", "--cache", str(root / "cache"),
           "--class", "1", "--filter", "--steps", "2"])
-    _run(["generate", str(root / "pipe"), "-o", str(root / "gen0"), "-n", "4", "--cache", str(root / "cache"),
+    run_cli(["generate", str(root / "pipe"), "-o", str(root / "gen0"), "-n", "4", "--cache", str(root / "cache"),
           "--class", "0", "--steps", "2"])
     return root
 
@@ -52,7 +46,7 @@ def generated(cmu, tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["imagefolder", "webdataset", "hf"])
 def test_export_loads_in_its_ecosystem_and_verifies(generated, tmp_path, fmt):
     out = tmp_path / fmt
-    _run(["export", str(generated / "gen"), "-o", str(out), "--format", fmt, "--class-names", "benign,tumour"])
+    run_cli(["export", str(generated / "gen"), "-o", str(out), "--format", fmt, "--class-names", "benign,tumour"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_items"] == 6 and m["classes"] == {"tumour": 6} and (out / "DATASHEET.md").exists()
     if fmt == "imagefolder":

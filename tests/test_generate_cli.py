@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 from PIL import Image
 
 from synthgen.cli import main
@@ -33,11 +34,6 @@ def setup(kather, tmp_path_factory):
     return root
 
 
-def _run(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        assert e.code in (0, None), e
 
 
 def _manifest(out):
@@ -49,7 +45,7 @@ ARGS = ["-n", "6", "--class", "3", "--steps", "3", "--batch-size", "4", "--seed"
 
 def test_generate_with_filter_writes_manifest(setup, tmp_path):
     out = tmp_path / "out"
-    _run(["generate", str(setup / "pipe"), "-o", str(out), "--cache", str(setup / "cache"), "--filter", *ARGS])
+    run_cli(["generate", str(setup / "pipe"), "-o", str(out), "--cache", str(setup / "cache"), "--filter", *ARGS])
     m = _manifest(out)
     assert m["num_items"] == 6 and len(m["items"]) == 6 and m["mode"] == "variations"
     assert [it["seed"] for it in m["items"]] == [5_000_000 + i for i in range(6)]
@@ -61,15 +57,15 @@ def test_generate_with_filter_writes_manifest(setup, tmp_path):
 def test_resume_after_partial_run_gives_same_files(setup, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     base = ["--cache", str(setup / "cache"), "--mode", "interpolation", *ARGS]
-    _run(["generate", str(setup / "pipe"), "-o", str(full), *base])
-    _run(["generate", str(setup / "pipe"), "-o", str(part), *base])
+    run_cli(["generate", str(setup / "pipe"), "-o", str(full), *base])
+    run_cli(["generate", str(setup / "pipe"), "-o", str(part), *base])
     # simulate a kill: the manifest, two images and a torn last record line are lost
     (part / "manifest.json").unlink()
     for i in (1, 4):
         (part / "images" / f"{i:07d}.png").unlink()
     rec = part / "records" / "rank-0.jsonl"
     rec.write_text(rec.read_text() + '{"index": 9, "fi')
-    _run(["generate", str(setup / "pipe"), "-o", str(part), *base])
+    run_cli(["generate", str(setup / "pipe"), "-o", str(part), *base])
     a, b = _manifest(full)["items"], _manifest(part)["items"]
     assert [x["sha256"] for x in a] == [x["sha256"] for x in b]
     assert len({x["index"] for x in b}) == 6  # no duplicates
@@ -77,7 +73,7 @@ def test_resume_after_partial_run_gives_same_files(setup, tmp_path):
 
 def test_two_processes_make_exactly_the_one_process_files(setup, tmp_path):
     base = ["generate", str(setup / "pipe"), "--cache", str(setup / "cache"), *ARGS]
-    _run([*base[:2], "-o", str(tmp_path / "one"), *base[2:]])
+    run_cli([*base[:2], "-o", str(tmp_path / "one"), *base[2:]])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "synthgen", *base[:2], "-o", str(tmp_path / "two"), *base[2:]],
@@ -96,7 +92,7 @@ def test_two_processes_make_exactly_the_one_process_files(setup, tmp_path):
 
 
 def test_prior_mode_and_errors(setup, tmp_path, capsys):
-    _run(["generate", str(setup / "pipe"), "-o", str(tmp_path / "p"), "--mode", "prior", "--prior",
+    run_cli(["generate", str(setup / "pipe"), "-o", str(tmp_path / "p"), "--mode", "prior", "--prior",
           str(setup / "prior"), "-n", "2", "--class", "1", "--steps", "2"])
     assert _manifest(tmp_path / "p")["mode"] == "prior"
     with pytest.raises(SystemExit) as e:
@@ -111,14 +107,14 @@ def test_large_cli_resynthesises_a_slide_region(setup, cmu, tmp_path):
     from synthgen.data.slides import Slide
 
     out = tmp_path / "big.tif"
-    _run(["large", str(setup / "pipe"), "-o", str(out), "--size", "64", "--reference", str(cmu),
+    run_cli(["large", str(setup / "pipe"), "-o", str(out), "--size", "64", "--reference", str(cmu),
           "--x", "800", "--y", "1200", "--steps", "2"])
     with Slide(out) as s:
         assert s.dimensions == (64, 64) and s.mpp == pytest.approx(1.0)
     assert out.with_suffix(".png").exists()
 
 
-def test_assemble_reads_the_objective_of_the_run(setup, tmp_path):
+def test_assemble_reads_the_objective_of_therun_cli(setup, tmp_path):
     from synthgen.pipelines.generate import SynthPipeline
 
     run = tmp_path / "run"
@@ -126,7 +122,7 @@ def test_assemble_reads_the_objective_of_the_run(setup, tmp_path):
     (run / "config.json").write_text(json.dumps({"objective": {"kind": "v_prediction", "num_train_timesteps": 1000,
                                                                "beta_schedule": "linear"}}))
     VAE.from_preset("tiny").save_pretrained(tmp_path / "vae")
-    _run(["assemble", "-o", str(tmp_path / "pipe"), "--denoiser", str(run / "model"), "--vae", str(tmp_path / "vae"),
+    run_cli(["assemble", "-o", str(tmp_path / "pipe"), "--denoiser", str(run / "model"), "--vae", str(tmp_path / "vae"),
           "--encoder", str(setup / "pipe" / "image_encoder")])
     pipe = SynthPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.image_encoder is not None

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 from PIL import Image
 
 from synthgen.cli import main
@@ -13,11 +14,6 @@ from synthgen.metrics.privacy import memorization_audit
 CKPT = "checkpoints/synthgen-small-cmu"
 
 
-def _run(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        assert e.code in (0, None), e
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +26,7 @@ def planted(cmu, tmp_path_factory):
     from synthgen.pipelines.generate import SynthPipeline
 
     root = tmp_path_factory.mktemp("privacy")
-    _run(["tile", str(cmu), "--mpp", "1.0", "--size", "64", "--overlap", "32", "--roi", "0,0,0.67,1",
+    run_cli(["tile", str(cmu), "--mpp", "1.0", "--size", "64", "--overlap", "32", "--roi", "0,0,0.67,1",
           "-o", str(root / "train.csv")])
     train = PatchDataset(root / "train.csv")
     repo = Path(__file__).resolve().parents[1]
@@ -67,11 +63,11 @@ def test_export_refuses_drops_or_records_risk(planted, tmp_path, capsys):
         main([*base, "-o", str(tmp_path / "refused")])
     assert e.value.code == 1 and "export refused: 4 of 10 items" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
-    _run([*base, "-o", str(tmp_path / "dropped"), "--drop-flagged"])
+    run_cli([*base, "-o", str(tmp_path / "dropped"), "--drop-flagged"])
     m = json.loads((tmp_path / "dropped" / "manifest.json").read_text())
     assert m["num_items"] == 6 and m["privacy_audit"]["n_flagged"] == 4 and m["privacy_audit"]["dropped_flagged"]
     assert "No memorisation audit" not in (tmp_path / "dropped" / "DATASHEET.md").read_text()
-    _run([*base, "-o", str(tmp_path / "risky"), "--allow-risk"])
+    run_cli([*base, "-o", str(tmp_path / "risky"), "--allow-risk"])
     m = json.loads((tmp_path / "risky" / "manifest.json").read_text())
     assert m["num_items"] == 10 and m["privacy_audit"]["allow_risk"] and sum(r["flagged"] for r in m["items"]) == 4
 

@@ -23,24 +23,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from synthgen._io import atomic_write_text, sha256_file
 from synthgen.errors import CacheError
 
 FORMAT_VERSION = 1
 Encoder = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_path(out_dir: Path, i: int) -> Path:
@@ -112,7 +99,7 @@ def build_cache(
                 "use a new folder or delete this one"
             )
     else:
-        _atomic_write_text(config_file, json.dumps(config, indent=1, sort_keys=True))
+        atomic_write_text(config_file, json.dumps(config, indent=1, sort_keys=True))
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
     num_shards = (n + shard_size - 1) // shard_size
@@ -176,12 +163,12 @@ def _write_index(out: Path, num_shards: int, n: int, config_hash: str) -> None:
         with safe_open(str(p), framework="pt") as f:
             count = f.get_slice("index").get_shape()[0]
             shapes = {k: f.get_slice(k).get_shape()[1:] for k in f.keys()}
-        shards.append({"file": p.name, "count": count, "sha256": _sha256(p)})
+        shards.append({"file": p.name, "count": count, "sha256": sha256_file(p)})
     if sum(s["count"] for s in shards) != n:
         raise CacheError(f"{out}: shards hold {sum(s['count'] for s in shards)} items, expected {n}")
     index = {"format_version": FORMAT_VERSION, "config_hash": config_hash, "num_items": n,
              "keys": sorted(shapes), "item_shapes": shapes, "shards": shards}
-    _atomic_write_text(out / "index.json", json.dumps(index, indent=1))
+    atomic_write_text(out / "index.json", json.dumps(index, indent=1))
 
 
 class CacheDataset(Dataset):
@@ -257,5 +244,5 @@ class CacheDataset(Dataset):
     def verify(self) -> None:
         """Re-hash every shard against index.json; raises CacheError naming a changed shard."""
         for s in self.index["shards"]:
-            if _sha256(self.root / s["file"]) != s["sha256"]:
+            if sha256_file(self.root / s["file"]) != s["sha256"]:
                 raise CacheError(f"{self.root / s['file']}: checksum differs from index.json (modified or corrupt)")

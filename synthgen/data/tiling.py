@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synthgen._io import atomic_write_text
 from synthgen.data.slides import Slide, slide_key
 from synthgen.errors import SynthgenError, TissueError
 
@@ -202,10 +203,7 @@ def write_tile_table(tiles: Iterable[Tile], path: str | os.PathLike, slides: dic
     finally:
         tmp.unlink(missing_ok=True)
     if slides is not None:
-        side = slides_json_path(path)
-        tmp = side.with_name(side.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(slides, indent=1, sort_keys=True))
-        os.replace(tmp, side)
+        atomic_write_text(slides_json_path(path), json.dumps(slides, indent=1, sort_keys=True))
     return path
 
 

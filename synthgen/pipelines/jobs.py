@@ -10,13 +10,14 @@ items that have both. When every process is done, rank 0 merges the records into
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from synthgen._io import atomic_write_text, sha256_file
 
 
 @dataclass
@@ -30,10 +31,6 @@ class GenerationPlan:
 
     def __len__(self) -> int:
         return len(self.seeds)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _done(out: Path) -> dict[int, dict]:
@@ -112,12 +109,10 @@ def merge_manifest(out: str | os.PathLike, plan_size: int, meta: dict) -> Path:
     if missing:
         raise RuntimeError(f"{out}: {len(missing)} of {plan_size} items not generated yet (e.g. {missing[:5]}); "
                            "rerun the same command to finish")
-    items = [dict(recs[i], sha256=_sha256(out / recs[i]["file"])) for i in range(plan_size)]
+    items = [dict(recs[i], sha256=sha256_file(out / recs[i]["file"])) for i in range(plan_size)]
     accepted = [r["accepted"] for r in items if r["accepted"] is not None]
     manifest = {**meta, "num_items": plan_size, "items": items}
     if accepted:
         manifest["acceptance_rate"] = sum(accepted) / len(accepted)
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return out / "manifest.json"
