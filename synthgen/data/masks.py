@@ -56,6 +56,18 @@ def read_label_map(path: str | os.PathLike, size: tuple[int, int] | None = None)
     return arr.astype(np.int32)
 
 
+def write_label_map(path: str | os.PathLike, mask: np.ndarray) -> None:
+    """Atomically write an (H, W) label map as a 16-bit grayscale PNG (8-bit when it fits)."""
+    path = Path(path)
+    mask = np.asarray(mask)
+    if mask.max(initial=0) > 65535:
+        raise MaskError(f"{path}: label {int(mask.max())} does not fit a 16-bit PNG")
+    arr = mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+
+
 def check_mask(mask: np.ndarray, image_hw: tuple[int, int], where: str = "mask") -> np.ndarray:
     """Validate a label map against its image's (height, width); returns it as int32."""
     mask = np.asarray(mask)

@@ -9,6 +9,9 @@ _EXPORTS = {
     "bootstrap": ".fidelity",
     "fidelity_report": ".fidelity",
     "extract_features": ".fidelity",
+    "mask_adherence": ".masks",
+    "dice": ".masks",
+    "match_objects": ".masks",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

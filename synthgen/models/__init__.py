@@ -6,6 +6,8 @@ _EXPORTS = {
     "Denoiser": ".denoiser",
     "VAE": ".vae",
     "EmbeddingPrior": ".prior",
+    "MaskControlNet": ".controlnet",
+    "ControlledDenoiser": ".controlnet",
     "denoiser_config": ".presets",
     "DENOISER_PRESETS": ".presets",
     "VAE_PRESETS": ".presets",

@@ -38,6 +38,8 @@ class SynthPipeline(DiffusionPipeline):
             project's :class:`~synthgen.encoders.ssl.SSLEncoder`); other encoders (UNI via
             timm, ...) can be passed per call as ``image_encoder=``.
         text_encoder, tokenizer: optional transformers text model and its tokenizer.
+        controlnet: optional :class:`~synthgen.models.controlnet.MaskControlNet`; then ``masks=``
+            (label maps at image resolution) place the nuclei / regions of each image.
 
     Example:
         >>> pipe = SynthPipeline.from_pretrained("checkpoints/pipeline")
@@ -45,18 +47,20 @@ class SynthPipeline(DiffusionPipeline):
         >>> out.images[0].save("synthetic.png")
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
-    _optional_components = ["image_encoder", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->controlnet->transformer->vae"
+    _optional_components = ["image_encoder", "text_encoder", "tokenizer", "controlnet"]
 
-    def __init__(self, transformer, vae, scheduler, image_encoder=None, text_encoder=None, tokenizer=None):
+    def __init__(self, transformer, vae, scheduler, image_encoder=None, text_encoder=None, tokenizer=None,
+                 controlnet=None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
-                              text_encoder=text_encoder, tokenizer=tokenizer)
+                              text_encoder=text_encoder, tokenizer=tokenizer, controlnet=controlnet)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load a pipeline folder or hub id (diffusers only loads components from imported modules)."""
         import synthgen.encoders.ssl  # noqa: F401
+        import synthgen.models.controlnet  # noqa: F401
         import synthgen.models.denoiser  # noqa: F401
         import synthgen.models.vae  # noqa: F401
 
@@ -151,6 +155,8 @@ class SynthPipeline(DiffusionPipeline):
         batch_size: int = 32,
         output_type: str = "pil",
         image_encoder=None,
+        masks=None,
+        controlnet_conditioning_scale: float = 1.0,
         return_dict: bool = True,
     ):
         """Generate ``num_images_per_condition`` images for each condition.
@@ -169,6 +175,11 @@ class SynthPipeline(DiffusionPipeline):
                 flow-matching Euler).
             batch_size: images per denoiser batch (results do not depend on it).
             output_type: ``pil``, ``np`` (uint8 (B,H,W,3)), ``pt`` (uint8 (B,3,H,W)) or ``latent``.
+            masks: N label maps (N, H, W) at image resolution (instance nuclei maps, or semantic
+                maps for a branch trained on them), one per condition; needs a ``controlnet``.
+                Without other conditions the images are sampled from the mask alone (null
+                embedding, no guidance).
+            controlnet_conditioning_scale: strength of the mask branch (0: ignore the mask).
 
         Returns:
             :class:`SynthOutput` with ``images`` and ``seeds``.
@@ -179,7 +190,19 @@ class SynthPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder)
+        model = self.transformer
+        if masks is not None:
+            mask_t, model = self._masks(masks)
+            if embeddings is None and images is None and class_labels is None and prompts is None:
+                conds, n = self.transformer.null_conditions(len(mask_t)), len(mask_t)
+                guidance_scale = 1.0  # the condition is the null one: guidance would do nothing
+            else:
+                conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder)
+            conds["mask"] = mask_t
+            n = _same(n, len(mask_t), "masks")
+            model.conditioning_scale = controlnet_conditioning_scale
+        else:
+            conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder)
         if n is None:
             raise ValueError("give at least one condition (embeddings, images, class_labels or prompts)")
         total = n * num_images_per_condition
@@ -193,7 +216,7 @@ class SynthPipeline(DiffusionPipeline):
             hi = min(total, lo + batch_size)
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
             part = {k: v[lo:hi].to(device) for k, v in conds.items()}
-            z = sample_latents(self.transformer, scheduler, part, gens, num_inference_steps, guidance_scale,
+            z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
                                guidance_interval=guidance_interval)
             if output_type == "latent":
                 latents.append(z.cpu())
@@ -210,6 +233,31 @@ class SynthPipeline(DiffusionPipeline):
                 result = arr if output_type == "np" else self.numpy_to_pil(arr)
         self.maybe_free_model_hooks()
         return SynthOutput(images=result, seeds=[int(s) for s in seeds]) if return_dict else (result, seeds)
+
+    def _masks(self, masks):
+        """Label maps -> (int64 tensor (N, H, W), the mask-guided model)."""
+        from synthgen.errors import MaskError
+        from synthgen.models.controlnet import ControlledDenoiser
+
+        if self.controlnet is None:
+            raise ValueError("masks= needs a pipeline with a controlnet (a mask branch): train one with "
+                             "`synthgen train` (task: controlnet) and add it with `synthgen assemble --controlnet`")
+        if isinstance(masks, torch.Tensor):
+            m = masks
+        else:
+            arrays = [np.asarray(x) for x in masks] if not isinstance(masks, np.ndarray) else masks
+            if isinstance(arrays, list) and len({a.shape for a in arrays}) > 1:
+                raise MaskError(f"masks have different sizes: {sorted({a.shape for a in arrays})}")
+            m = torch.from_numpy(np.stack(arrays) if isinstance(arrays, list) else arrays)
+        if m.ndim == 2:
+            m = m[None]
+        if m.is_floating_point():
+            raise MaskError(f"masks must be integer label maps, got {m.dtype}")
+        size = self.image_size
+        if m.ndim != 3 or tuple(m.shape[1:]) != (size, size):
+            raise MaskError(f"masks must be {size}x{size} label maps (this model's image size), "
+                            f"got shape {tuple(m.shape)}")
+        return m.long(), ControlledDenoiser(self.transformer, self.controlnet)
 
     def _scheduler_for(self, sampler: str | None):
         if sampler is None:

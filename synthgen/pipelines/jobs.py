@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from synthgen._io import atomic_write_text, sha256_file
@@ -22,12 +23,14 @@ from synthgen._io import atomic_write_text, sha256_file
 
 @dataclass
 class GenerationPlan:
-    """Every item of a job: condition embeddings (or None), class labels, seeds, kind."""
+    """Every item of a job: condition embeddings (or None), class labels, seeds, kind, and
+    optionally one condition mask file per item (mask-guided pipelines)."""
 
     embeddings: torch.Tensor | None  # (N, tokens, dim)
     labels: list[int | None]
     seeds: list[int]
-    kind: str  # what the conditions are: variations / prior / interpolation / class / embedding
+    kind: str  # what the conditions are: variations / prior / interpolation / class / embedding / mask
+    masks: list[Path] | None = None
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -59,8 +62,12 @@ def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from synthgen.data.masks import read_label_map, write_label_map
+
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    if plan.masks is not None:
+        (out / "masks").mkdir(exist_ok=True)
     (out / "records").mkdir(parents=True, exist_ok=True)
     done = _done(out)
     mine = [i for i in range(len(plan)) if i % world == rank and i not in done]
@@ -74,6 +81,10 @@ def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 
             kw["embeddings"] = plan.embeddings[idx]
         if pipe.transformer.config.num_classes:
             kw["class_labels"] = torch.tensor([plan.labels[i] if plan.labels[i] is not None else -1 for i in idx])
+        masks = None
+        if plan.masks is not None:
+            masks = [read_label_map(plan.masks[i], size=(pipe.image_size, pipe.image_size)) for i in idx]
+            kw["masks"] = np.stack(masks)
         res = pipe(**kw, seeds=[plan.seeds[i] for i in idx], guidance_scale=guidance_scale,
                    num_inference_steps=num_inference_steps, batch_size=batch_size, output_type="pt")
         accepted = [None] * len(idx)
@@ -89,6 +100,10 @@ def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 
                 os.replace(tmp, out / rel)
                 rec = {"index": i, "file": rel, "seed": plan.seeds[i], "label": plan.labels[i],
                        "condition": plan.kind, "accepted": accepted[k]}
+                if masks is not None:  # the condition mask, paired with its image (a segmentation pair)
+                    rec["mask"] = f"masks/{i:07d}.png"
+                    write_label_map(out / rec["mask"], masks[k])
+                    rec["mask_source"] = plan.masks[i].name
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 written += 1

@@ -64,7 +64,8 @@ def sample_latents(
     Args:
         model: a :class:`~synthgen.models.denoiser.Denoiser`.
         scheduler: from :func:`make_scheduler` (its state is reset here).
-        conditions: ``embeddings`` / ``class_labels`` / ``text`` for the batch.
+        conditions: ``embeddings`` / ``class_labels`` / ``text`` for the batch (and ``mask`` for a
+            :class:`~synthgen.models.controlnet.ControlledDenoiser`).
         generators: one per sample; sample i depends only on generator i and its conditions.
         guidance_scale: classifier-free guidance scale (1: conditional model alone).
         latent_size: latent side (default: the model's ``sample_size``).
@@ -88,7 +89,8 @@ def sample_latents(
     guided = guidance_scale != 1.0
     if guided:
         null = model.null_conditions(B, device=p.device)
-        both = {k: torch.cat([v, null[k].to(v.dtype)]) for k, v in conditions.items() if v is not None}
+        # conditions without a null (a mask) are kept in both halves: guidance acts on the others
+        both = {k: torch.cat([v, null.get(k, v).to(v.dtype)]) for k, v in conditions.items() if v is not None}
     n = len(scheduler.timesteps)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
         xin = scheduler.scale_model_input(x, t)

@@ -72,11 +72,11 @@ class DenoiserTask(Task):
 
         self.cfg = cfg
         self.objective = DiffusionObjective(cfg.objective)
+        self._frozen: dict = {}  # VAE / encoder / base model: a plain dict keeps them out of parameters and checkpoints
         try:
             self.net = self._build()
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"model: cannot build the denoiser ({e})") from e
-        self._frozen: dict = {}  # VAE / encoder: a plain dict keeps them out of parameters and checkpoints
+            raise ConfigError(f"model: cannot build the {cfg.task} model ({e})") from e
 
     def _build(self) -> nn.Module:
         from synthgen.models.denoiser import Denoiser
@@ -135,8 +135,13 @@ class DenoiserTask(Task):
             self._frozen["encoder"] = enc
         return self._frozen["encoder"]
 
+    @property
+    def denoiser(self) -> nn.Module:
+        """The denoiser whose conditions batches feed (the trained net here)."""
+        return self.net
+
     def conditions(self, batch: dict, device) -> tuple[torch.Tensor, dict]:
-        d, cfg = self.cfg.data, self.net.config
+        d, cfg = self.cfg.data, self.denoiser.config
         if "latents" in batch:
             x0 = batch["latents"].to(device)
             emb = batch.get(d.embedding_key)
@@ -154,14 +159,19 @@ class DenoiserTask(Task):
             conds["class_labels"] = torch.as_tensor(batch["label"]).to(device)
         return x0.float(), conds
 
+    def model(self, net) -> nn.Module:
+        """What the objective and the sampler call: the trained net itself."""
+        return net
+
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         device = next(self.net.parameters()).device
         x0, conds = self.conditions(batch, device)
+        model = self.model(self.net)
         p = self.cfg.objective.cfg_dropout
         if p > 0:
             drop = (torch.rand(len(x0), generator=generator) < p).to(device)
-            conds = self.net.drop_conditions(drop, **conds)
-        return self.objective.loss(self.net, x0, conds, generator)
+            conds = model.drop_conditions(drop, **conds)
+        return self.objective.loss(model, x0, conds, generator)
 
     @torch.no_grad()
     def preview(self, net, path: Path, batch: dict | None = None) -> bool:
@@ -173,13 +183,13 @@ class DenoiserTask(Task):
             return False
         device = next(net.parameters()).device
         _, conds = self.conditions(batch, device)
-        n = len(next(iter(conds.values())))
+        n = len(batch["latents"]) if "latents" in batch else len(batch["image"])
         sched = make_scheduler(self.cfg.objective.kind, "dpm++" if self.cfg.objective.kind != "flow" else "flow-euler",
                                self.cfg.objective.num_train_timesteps, self.cfg.objective.beta_schedule)
         gens = [torch.Generator().manual_seed(i) for i in range(n)]
         was_training = net.training
         net.eval()
-        z = sample_latents(net, sched, conds, gens, num_steps=20, guidance_scale=2.0 if conds else 1.0)
+        z = sample_latents(self.model(net), sched, conds, gens, num_steps=20, guidance_scale=2.0 if conds else 1.0)
         net.train(was_training)
         _save_grid(to_uint8(self.vae.to(device).decode(z)), path)
         return True
@@ -197,6 +207,59 @@ class DenoiserTask(Task):
             merged.save_pretrained(path)
             return
         net.save_pretrained(path)
+
+
+class ControlNetTask(DenoiserTask):
+    """Mask branch (:class:`~synthgen.models.controlnet.MaskControlNet`) over a frozen pretrained
+    denoiser, on a feature cache holding latents, embeddings and label maps (``data.mask_key``).
+
+    ``model.pretrained`` is the base denoiser (a pipeline folder or its ``transformer`` folder);
+    ``model.overrides`` may set ``num_layers`` (copied blocks) and ``mask_classes`` (0: instance maps).
+    """
+
+    def _build(self) -> nn.Module:
+        from synthgen.models.controlnet import MaskControlNet
+        from synthgen.models.denoiser import Denoiser
+
+        m, d = self.cfg.model, self.cfg.data
+        if not m.pretrained:
+            raise ConfigError("model.pretrained: the mask branch trains over a pretrained denoiser "
+                              "(a pipeline folder or its transformer folder)")
+        if self.cfg.lora.rank:
+            raise ConfigError("lora.rank: task controlnet trains the branch fully; remove the lora section")
+        if not d.cache:
+            raise ConfigError("data.cache: task controlnet needs a feature cache with latents, embeddings and masks "
+                              "(synthgen cache TILES -e latents=vae:... -e emb=... -e mask=synthgen.data.nuclei:segmenter)")
+        sub = "transformer" if (Path(m.pretrained) / "transformer" / "config.json").exists() else None
+        base = Denoiser.from_pretrained(m.pretrained, subfolder=sub).eval().requires_grad_(False)
+        self._frozen["base"] = base
+        first = self.dataset()[0]
+        if d.mask_key not in first:
+            raise ConfigError(f"data.mask_key: the cache {d.cache} has no {d.mask_key!r} entry (build it with "
+                              f"-e {d.mask_key}=synthgen.data.nuclei:segmenter, or cache a dataset with masks)")
+        downscale = first[d.mask_key].shape[-1] // first["latents"].shape[-1]
+        return MaskControlNet.from_denoiser(base, downscale=downscale, **m.overrides)
+
+    def dataset(self) -> Dataset:
+        from synthgen.data.cache import CacheDataset
+
+        d = self.cfg.data
+        return CacheDataset(d.cache, keys=["latents", d.embedding_key, d.mask_key] + (["label"] if d.use_labels else []))
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self._frozen["base"]
+
+    def conditions(self, batch: dict, device) -> tuple[torch.Tensor, dict]:
+        x0, conds = super().conditions(batch, device)
+        conds["mask"] = batch[self.cfg.data.mask_key].to(device)
+        return x0, conds
+
+    def model(self, net) -> nn.Module:
+        from synthgen.models.controlnet import ControlledDenoiser
+
+        base = self._frozen["base"]
+        return ControlledDenoiser(base.to(next(net.parameters()).device), net)
 
 
 def _merged_state_dict(net) -> dict:
@@ -291,21 +354,26 @@ class PriorTask(Task):
         self.cfg = cfg
         if not cfg.data.cache:
             raise ConfigError("data.cache: the embedding prior trains on a feature cache with embeddings and labels")
-        bank = self.dataset()
+        from synthgen.data.cache import CacheDataset
+
+        bank = CacheDataset(cfg.data.cache, keys=[cfg.data.embedding_key, "label"])
         embs = torch.stack([bank[i][cfg.data.embedding_key] for i in range(len(bank))]).float()
         labels = torch.tensor([bank[i]["label"] for i in range(len(bank))])
+        self.bank = {cfg.data.embedding_key: embs, "label": labels}
         m = cfg.model
         if m.pretrained:
             self.net = EmbeddingPrior.from_pretrained(m.pretrained)
         else:
-            kw = {"num_tokens": embs.shape[1], "dim": embs.shape[2], "num_classes": int(labels.max()) + 1, **m.overrides}
+            names = bank.classes  # class names of the cache, when it was built with them
+            kw = {"num_tokens": embs.shape[1], "dim": embs.shape[2],
+                  "num_classes": len(names) if names else int(labels.max()) + 1, "class_names": names, **m.overrides}
             self.net = EmbeddingPrior(**kw)
             self.net.fit_normalization(embs)
 
     def dataset(self) -> Dataset:
-        from synthgen.data.cache import CacheDataset
+        from torch.utils.data import StackDataset
 
-        return CacheDataset(self.cfg.data.cache, keys=[self.cfg.data.embedding_key, "label"])
+        return StackDataset(**self.bank)  # the bank is small: read once, served from memory
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         device = next(self.net.parameters()).device
@@ -313,4 +381,4 @@ class PriorTask(Task):
         return self.net.loss(emb, torch.as_tensor(batch["label"]), generator, self.cfg.objective.cfg_dropout)
 
 
-TASKS = {"denoiser": DenoiserTask, "vae": VAETask, "ssl": SSLTask, "prior": PriorTask}
+TASKS = {"denoiser": DenoiserTask, "controlnet": ControlNetTask, "vae": VAETask, "ssl": SSLTask, "prior": PriorTask}

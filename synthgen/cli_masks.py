@@ -1,0 +1,147 @@
+"""``synthgen masks``: make condition masks for mask-guided generation and training pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@click.group("masks")
+def masks_group():
+    """Nuclei masks: pseudo-labels of real tiles, procedural layouts, augmentation.
+
+    Masks are label-map PNGs (0 = background, 1..N = nuclei), the format `synthgen generate
+    --masks` and the mask-guided pipeline read.
+    """
+
+
+def _diameter(diameter: float | None, mpp: float) -> float:
+    from synthgen.data.nuclei import nucleus_diameter_px
+
+    return diameter if diameter is not None else nucleus_diameter_px(mpp)
+
+
+_DIAMETER_HELP = "Mean nucleus diameter in pixels [default: 7 um at --mpp]."
+
+
+@masks_group.command("nuclei")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Resolution of the images (sets the expected nucleus size).")
+@click.option("--diameter", type=click.FloatRange(min=1, min_open=True), default=None, help=_DIAMETER_HELP)
+@click.option("--overlay", is_flag=True, help="Also write overlays (nucleus outlines on the image) for checking.")
+def masks_nuclei(source, out, mpp, diameter, overlay):
+    """Pseudo-label the nuclei of real H&E tiles (hematoxylin by colour deconvolution, threshold,
+    watershed split of touching nuclei).
+
+    SOURCE is an image folder (masks mirror its relative paths under OUT) or a tile table from
+    `synthgen tile` (writes OUT/images/NNNNNN.png and OUT/masks/NNNNNN.png: a segmentation
+    dataset that `synthgen cache` reads with its masks).
+    """
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from synthgen.data.masks import write_label_map
+    from synthgen.data.nuclei import segment_nuclei
+
+    d = _diameter(diameter, mpp)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise click.UsageError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        items = ((p.relative_to(source).with_suffix(".png"), lambda p=p: np.asarray(Image.open(p).convert("RGB")))
+                 for p in files)
+        total, mask_dir, image_dir = len(files), out, None
+    else:
+        from synthgen.data.datasets import PatchDataset
+
+        ds = PatchDataset(source)
+        items = ((Path(f"{i:06d}.png"), lambda i=i: ds[i]["image"].permute(1, 2, 0).numpy()) for i in range(len(ds)))
+        total, mask_dir, image_dir = len(ds), out / "masks", out / "images"
+    counts = []
+    for rel, load in tqdm(items, total=total, desc="nuclei", unit="img"):
+        img = load()
+        mask = segment_nuclei(img, diameter=d)
+        counts.append(int(mask.max()))
+        (mask_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_label_map(mask_dir / rel, mask)
+        if image_dir is not None:
+            (image_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(image_dir / rel)
+        if overlay:
+            _save_overlay(img, mask, out / "overlays" / rel)
+    click.echo(f"{total} masks ({np.mean(counts):.1f} nuclei per image) -> {mask_dir}")
+
+
+def _save_overlay(img, mask, path: Path) -> None:
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    ov = img.copy()
+    ov[find_boundaries(mask, mode="inner")] = (0, 255, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ov).save(path)
+
+
+@masks_group.command("procedural")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("-n", "--num", type=click.IntRange(min=1), required=True, help="Masks to make.")
+@click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Mask side in pixels.")
+@click.option("--density", type=click.FloatRange(0, 0.9, max_open=True), default=0.2, show_default=True,
+              help="Fraction of the area covered by nuclei.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--diameter", type=click.FloatRange(min=1, min_open=True), default=None, help=_DIAMETER_HELP)
+@click.option("--elongation", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Up to this relative ellipticity (0: round nuclei).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def masks_procedural(out, num, size, density, mpp, diameter, elongation, seed):
+    """Random layouts of star-convex nuclei with density and size control."""
+    import numpy as np
+
+    from synthgen.data.masks import write_label_map
+    from synthgen.data.nuclei import procedural_nuclei
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    d = _diameter(diameter, mpp)
+    for i in range(num):
+        write_label_map(out / f"{i:06d}.png", procedural_nuclei(size, density, d, elongation=elongation, seed=rng))
+    click.echo(f"{num} procedural masks ({size} px, density {density}, diameter {d:.1f} px) -> {out}")
+
+
+@masks_group.command("augment")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--copies", type=click.IntRange(min=1), default=4, show_default=True, help="Variants per mask.")
+@click.option("--elastic", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Elastic displacement amplitude in pixels (0: off).")
+@click.option("--remove", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Fraction of nuclei removed.")
+@click.option("--add", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="New nuclei, as a fraction of the current count.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--diameter", type=click.FloatRange(min=1, min_open=True), default=None, help=_DIAMETER_HELP)
+@click.option("--seed", type=int, default=0, show_default=True)
+def masks_augment(source, out, copies, elastic, remove, add, mpp, diameter, seed):
+    """Variants of the label maps in SOURCE: flips/rotations, elastic warps, removed and added nuclei."""
+    import numpy as np
+
+    from synthgen.data.masks import read_label_map, write_label_map
+    from synthgen.data.nuclei import augment_mask
+
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff"))
+    if not files:
+        raise click.UsageError(f"{source}: no label-map images (.png, .tif)")
+    rng = np.random.default_rng(seed)
+    d = _diameter(diameter, mpp)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        mask = read_label_map(p)
+        for k in range(copies):
+            aug, _ = augment_mask(mask, seed=rng, elastic=elastic, remove=remove, add=add, diameter=d)
+            write_label_map(out / f"{p.stem}-{k}.png", aug)
+    click.echo(f"{len(files) * copies} masks -> {out}")
