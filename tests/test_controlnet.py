@@ -155,3 +155,54 @@ def test_controlnet_trains_from_a_mask_cache(cmu, tmp_path):
     with pytest.raises(ConfigError, match="pretrained"):
         train(load_train_config(None, {**cfg, "output_dir": str(tmp_path / "bad"), "model": {"preset": "tiny"}}),
               progress=False)
+
+
+def test_paired_generation_job_and_segmentation_export(pipe, tmp_path):
+    """A job with condition masks writes image/mask pairs; the export keeps them paired and hashed."""
+    from synthgen.data.masks import read_label_map, write_label_map
+    from synthgen.export.writers import export_dataset, verify_export
+    from synthgen.pipelines.jobs import GenerationPlan, merge_manifest, run_plan
+
+    for i in range(3):
+        write_label_map(tmp_path / f"m{i}.png", procedural_nuclei(32, 0.3, 4, seed=i))
+    files = [tmp_path / f"m{i % 3}.png" for i in range(5)]
+    e = torch.randn(5, 1, 32, generator=torch.Generator().manual_seed(0))
+    plan = GenerationPlan(e, [None] * 5, list(range(5)), "variations", masks=files)
+    out = tmp_path / "gen"
+    assert run_plan(pipe, plan, out, num_inference_steps=2, batch_size=2, progress=False) == 5
+    (out / "masks" / "0000004.png").unlink()  # a lost mask: the item is redone on rerun
+    assert run_plan(pipe, plan, out, num_inference_steps=2, batch_size=2, progress=False) == 1
+    man = json.loads(merge_manifest(out, 5, {"mode": "variations"}).read_text())
+    assert [it["mask_source"] for it in man["items"]] == [f.name for f in files]
+    np.testing.assert_array_equal(read_label_map(out / man["items"][3]["mask"]), read_label_map(files[0]))
+    for fmt in ("imagefolder", "webdataset"):
+        exp = export_dataset(out, tmp_path / f"export-{fmt}", fmt)
+        m = json.loads((exp / "manifest.json").read_text())
+        assert all("mask" in r and "mask_sha256" in r for r in m["items"])
+        assert verify_export(exp)["ok"]
+        assert "segmentation pairs" in (exp / "DATASHEET.md").read_text()
+    assert (tmp_path / "export-imagefolder" / "masks" / "unlabelled" / "0000000.png").exists()
+
+
+def test_cache_keeps_user_masks(kather, tmp_path):
+    """Label maps that come with a dataset (files, GeoJSON) are cached as they are, for the branch."""
+    from PIL import Image
+
+    from synthgen.data.cache import CacheDataset
+    from synthgen.data.datasets import ImageListDataset
+    from synthgen.data.masks import write_label_map
+
+    src = sorted(kather.rglob("*.tif"))[:3]
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    want = []
+    for i, f in enumerate(src):
+        Image.open(f).convert("RGB").resize((64, 64)).save(tmp_path / "img" / f"{i}.png")
+        want.append(procedural_nuclei(64, 0.2, 7, seed=i))
+        write_label_map(tmp_path / "msk" / f"{i}.png", want[-1])
+    ds = ImageListDataset.from_folder(tmp_path / "img", masks=tmp_path / "msk")
+    build_cache(ds, tmp_path / "cache", {"latents": pooled_latents()}, progress=False)
+    cache = CacheDataset(tmp_path / "cache")
+    assert "mask" in cache.keys
+    for i in range(3):
+        np.testing.assert_array_equal(cache[i]["mask"].numpy(), want[i])

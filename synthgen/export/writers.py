@@ -106,6 +106,7 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     records = []
+    masks: dict[int, bytes] = {}
     try:
         data = []
         for k, it in enumerate(items):
@@ -116,26 +117,41 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
             if it.get("sha256") and _sha(raw) != it["sha256"]:
                 raise SynthgenError(f"{f}: checksum differs from {man_path.name} (modified after generation)")
             data.append((k, it, _png_bytes(f)))
+            if "mask" in it:  # a mask-guided pair: the condition mask travels with its image
+                m = source / it["mask"]
+                if not m.exists():
+                    raise SynthgenError(f"{m}: mask listed in the manifest but missing")
+                if it.get("mask_sha256") and _sha(m.read_bytes()) != it["mask_sha256"]:
+                    raise SynthgenError(f"{m}: checksum differs from {man_path.name} (modified after generation)")
+                masks[k] = m.read_bytes()
         if fmt == "imagefolder":
             for k, it, png in data:
                 rel = f"{name_of(it['label'])}/{k:07d}.png"
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(png)
                 records.append(_record(k, it, rel, _sha(png)))
+                if k in masks:  # segmentation layout: masks/<class>/<k>.png beside images/<class>/<k>.png
+                    mrel = f"masks/{rel}"
+                    (tmp / mrel).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / mrel).write_bytes(masks[k])
+                    records[-1].update(mask=mrel, mask_sha256=_sha(masks[k]))
         elif fmt == "webdataset":
             for s in range(0, len(data), shard_size):
                 rel = f"shard-{s // shard_size:06d}.tar"
                 with tarfile.open(tmp / rel, "w") as tar:
                     for k, it, png in data[s : s + shard_size]:
                         meta = json.dumps({"seed": it["seed"], "condition": it["condition"], "label": it["label"]})
-                        for ext, payload in (("png", png), ("cls", str(it["label"] if it["label"] is not None else -1)
-                                                            .encode()), ("json", meta.encode())):
+                        parts = [("png", png), ("cls", str(it["label"] if it["label"] is not None else -1).encode()),
+                                 ("json", meta.encode())] + ([("mask.png", masks[k])] if k in masks else [])
+                        for ext, payload in parts:
                             info = tarfile.TarInfo(f"{k:07d}.{ext}")
                             info.size, info.mtime = len(payload), 0
                             tar.addfile(info, io.BytesIO(payload))
                         records.append(_record(k, it, f"{rel}#{k:07d}.png", _sha(png)))
+                        if k in masks:
+                            records[-1].update(mask=f"{rel}#{k:07d}.mask.png", mask_sha256=_sha(masks[k]))
         else:
-            _write_parquet(tmp, data, shard_size, class_names, name_of, records)
+            _write_parquet(tmp, data, shard_size, class_names, name_of, records, masks)
         labels = Counter(name_of(r["label"]) for r in records)
         manifest = {
             "format": fmt,
@@ -149,7 +165,7 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
             "privacy_audit": src.get("privacy_audit"),
             "items": records,
         }
-        files = sorted({r["file"].split("#")[0] for r in records})
+        files = sorted({r["file"].split("#")[0] for r in records} | {r["mask"].split("#")[0] for r in records if "mask" in r})
         manifest["files"] = {f: _sha((tmp / f).read_bytes()) for f in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         (tmp / "DATASHEET.md").write_text(_datasheet(manifest, licence, purpose))
@@ -168,7 +184,7 @@ def _record(k: int, it: dict, rel: str, sha: str) -> dict:
     return rec
 
 
-def _write_parquet(tmp: Path, data, shard_size, class_names, name_of, records) -> None:
+def _write_parquet(tmp: Path, data, shard_size, class_names, name_of, records, masks) -> None:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -180,6 +196,8 @@ def _write_parquet(tmp: Path, data, shard_size, class_names, name_of, records) -
                 "condition": {"dtype": "string", "_type": "Value"}}
     if names:
         features["label"] = {"names": list(names), "_type": "ClassLabel"}
+    if masks:
+        features["mask"] = {"_type": "Image"}
     schema_meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     (tmp / "data").mkdir()
     for s in range(0, len(data), shard_size):
@@ -189,10 +207,14 @@ def _write_parquet(tmp: Path, data, shard_size, class_names, name_of, records) -
                 "seed": [it["seed"] for _, it, _ in chunk], "condition": [it["condition"] for _, it, _ in chunk]}
         if names:
             cols["label"] = [it["label"] if it["label"] is not None else -1 for _, it, _ in chunk]
+        if masks:
+            cols["mask"] = [{"bytes": masks.get(k), "path": f"{k:07d}.mask.png"} for k, _, _ in chunk]
         table = pa.table(cols).replace_schema_metadata(schema_meta)
         pq.write_table(table, tmp / rel)
         for k, it, png in chunk:
             records.append(_record(k, it, f"{rel}#{k:07d}.png", _sha(png)))
+            if k in masks:
+                records[-1].update(mask=f"{rel}#{k:07d}.mask.png", mask_sha256=_sha(masks[k]))
 
 
 def _datasheet(m: dict, licence: str, purpose: str | None) -> str:
@@ -202,13 +224,17 @@ def _datasheet(m: dict, licence: str, purpose: str | None) -> str:
     audit_text = (json.dumps(audit, indent=1) if audit else
                   "No memorisation audit was run for this export. Do not share it outside your institution "
                   "before auditing it against the training data (nearest-neighbour check of every item).")
+    n_masks = sum("mask" in r for r in m["items"])
+    pairs = (f"\n{n_masks} images are segmentation pairs: each comes with the label map it was generated from "
+             "(16/8-bit PNG, 0 = background, 1..N = one id per nucleus), so mask and image agree by construction "
+             "up to the model's mask adherence." if n_masks else "")
     return f"""# Datasheet: synthetic histopathology dataset
 
 ## Purpose
 {purpose or "Synthetic image patches for training and evaluating computational-pathology models."}
 
 ## Composition
-{m['num_items']} synthetic images ({m['format']} format), all generated; no real patient image is included.
+{m['num_items']} synthetic images ({m['format']} format), all generated; no real patient image is included.{pairs}
 
 | class | items |
 |---|---|

@@ -44,7 +44,7 @@ def _done(out: Path) -> dict[int, dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill: that item is redone
-            if (out / r["file"]).exists():
+            if (out / r["file"]).exists() and ("mask" not in r or (out / r["mask"]).exists()):
                 recs[r["index"]] = r
     return recs
 
@@ -125,6 +125,9 @@ def merge_manifest(out: str | os.PathLike, plan_size: int, meta: dict) -> Path:
         raise RuntimeError(f"{out}: {len(missing)} of {plan_size} items not generated yet (e.g. {missing[:5]}); "
                            "rerun the same command to finish")
     items = [dict(recs[i], sha256=sha256_file(out / recs[i]["file"])) for i in range(plan_size)]
+    for it in items:
+        if "mask" in it:
+            it["mask_sha256"] = sha256_file(out / it["mask"])
     accepted = [r["accepted"] for r in items if r["accepted"] is not None]
     manifest = {**meta, "num_items": plan_size, "items": items}
     if accepted:
