@@ -135,14 +135,25 @@ def _write_preview(slide, spec, tiles, path: Path) -> None:
               help="JSON mapping slide keys to paths, when the table's .slides.json side file is elsewhere.")
 @click.option("--size", type=click.IntRange(min=1), default=None,
               help="For a folder of images: resize every image to this square size (batches need equal sizes).")
+@click.option("--image-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="For images: their resolution in um/px; with --mpp, resample them to --mpp (keeps the scale).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="For images: resolution to resample them to (the model's, e.g. 1.0), with --image-mpp.")
+@click.option("--crop", type=click.IntRange(min=1), default=None,
+              help="Cache every crop of this size on a grid of --crop-stride instead of whole images.")
+@click.option("--crop-stride", type=click.IntRange(min=1), default=None, help="Grid step of --crop [default: --crop].")
+@click.option("--dihedral", is_flag=True, help="With --crop: also its 8 rotations/mirrors (a bank from few tiles).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Items per shard file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="DataLoader worker processes reading images.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Storage dtype of the features.")
-def cache(source, out, encoders, slides_json, size, shard_size, batch_size, num_workers, dtype):
-    """Encode SOURCE (a tile table from `synthgen tile`, or an image folder) into a feature cache.
+def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_stride, dihedral, shard_size,
+          batch_size, num_workers, dtype):
+    """Encode SOURCE (a tile table from `synthgen tile`, an image folder, or a CSV of images with
+    columns path[,label]) into a feature cache. Labels (ImageFolder sub-folders, CSV label column)
+    and class names are kept.
 
     Writes sharded safetensors files with one tensor per encoder, atomically; a killed run
     resumes from the last finished shard. Training reads the cache instead of re-encoding.
@@ -164,17 +175,40 @@ def cache(source, out, encoders, slides_json, size, shard_size, batch_size, num_
             fns[name] = load_encoder(target)
         except SynthgenError as e:
             raise click.BadParameter(str(e), param_hint="--encoder") from e
+    image_list = source.is_dir() or _is_image_csv(source)
+    if (image_mpp is None) != (mpp is None) or (mpp is not None and not image_list):
+        raise click.UsageError("--image-mpp and --mpp go together, for an image folder or CSV")
+    kw = {"size": size, "image_mpp": image_mpp, "mpp": mpp}
     if source.is_dir():
-        dataset = ImageListDataset.from_folder(source, size=size)
+        dataset = ImageListDataset.from_folder(source, **kw)
+    elif image_list:
+        dataset = ImageListDataset.from_csv(source, **kw)
     else:
         slides = json.loads(slides_json.read_text()) if slides_json else None
         dataset = PatchDataset(source, slides=slides)
     fingerprint = {"source": _file_digest(source) if source.is_file() else f"folder:{len(dataset)}",
                    "encoders": dict(sorted((spec.partition('=')[0], spec.partition('=')[2]) for spec in encoders)),
                    "size": size}
+    if mpp is not None:
+        fingerprint["mpp"] = [image_mpp, mpp]
+    if crop is not None:
+        from synthgen.data.datasets import CropViews
+
+        dataset = CropViews(dataset, crop, crop_stride, dihedral)
+        fingerprint["crop"] = [crop, crop_stride, dihedral]
+    elif crop_stride or dihedral:
+        raise click.UsageError("--crop-stride and --dihedral need --crop")
     build_cache(dataset, out, fns, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
-                dtype=getattr(torch, dtype), fingerprint=fingerprint)
+                dtype=getattr(torch, dtype), fingerprint=fingerprint, classes=getattr(dataset, "classes", None))
     click.echo(f"{len(dataset)} items cached -> {out}")
+
+
+def _is_image_csv(path: Path) -> bool:
+    """A CSV listing image files (a ``path`` column), not a tile table."""
+    if path.suffix.lower() != ".csv":
+        return False
+    with open(path, newline="") as f:
+        return "path" in f.readline().strip().split(",")
 
 
 def _file_digest(path: Path) -> str:
@@ -234,15 +268,19 @@ def train(config, overrides, resume, stop_at, print_config):
                    "class-conditional model with no embeddings. [default: variations with --cache/--images, "
                    "else class]")
 @click.option("--cache", "cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Feature cache whose embeddings (and labels) are the real bank for variations/interpolation/filter.")
+              help="Feature cache whose embeddings (and labels) are the real bank for variations/interpolation/filter "
+                   "[default with --class or --filter: PIPELINE/bank when it exists].")
 @click.option("--embedding-key", default="emb", show_default=True, help="Name of the embeddings in the cache.")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of reference images: variations of them (encoded with the pipeline's image encoder).")
-@click.option("--class", "label", type=int, default=None, help="Class id to generate (rare-class modes, class models).")
+@click.option("--class", "label", default=None, metavar="ID|NAME",
+              help="Class to generate (rare-class modes, class models): an id, or a class name of the prior/bank "
+                   "(e.g. TUMOR with the default pipeline).")
 @click.option("--prior", "prior_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Embedding prior folder (for --mode prior).")
+              help="Embedding prior folder (for --mode prior) [default: PIPELINE/prior when it exists].")
 @click.option("--filter", "use_filter", is_flag=True,
-              help="Re-encode each image and record whether it is nearest to its class (needs --cache with labels).")
+              help="Re-encode each image and record whether it is nearest to its class (needs labelled --cache, "
+                   "default: PIPELINE/bank).")
 @click.option("--guidance", type=float, default=2.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampling steps.")
 @click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default=None,
@@ -524,7 +562,7 @@ def verify(export_dir):
 @click.option("-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. -o generate.n=100 -o output_dir=outputs/b (repeatable).")
 def run_recipe(recipe, dry_run, overrides):
-    """Run a RECIPE (YAML): tile -> cache -> train -> generate -> export -> evaluate.
+    """Run a RECIPE (YAML): tile -> cache -> train -> generate -> rare -> export -> evaluate.
 
     Steps whose configuration and inputs are unchanged since they last completed are skipped;
     a changed step and everything after it are redone; an interrupted step resumes.

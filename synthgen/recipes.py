@@ -1,5 +1,6 @@
-"""YAML recipes: a whole study (tile -> cache -> train -> generate -> export -> evaluate) as one
-validated file, run with ``synthgen run recipe.yaml``.
+"""YAML recipes: a whole study (tile -> cache -> train -> generate -> rare -> export -> evaluate) as
+one validated file, run with ``synthgen run recipe.yaml``. ``rare`` generates images of one class
+from the pipeline's own labelled bank and embedding prior (``PIPELINE/bank``, ``PIPELINE/prior``).
 
 Each step writes into ``output_dir/<step>/``. A step is skipped when its configuration and the
 steps it reads from are unchanged since it last completed (content hashes in
@@ -21,7 +22,7 @@ from synthgen import __version__
 from synthgen._io import atomic_write_text
 from synthgen.config import ConfigError, load_yaml, merge, to_dict
 
-STEPS = ("tile", "cache", "train", "generate", "export", "evaluate")
+STEPS = ("tile", "cache", "train", "generate", "rare", "export", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class GenerateStep:
     pipeline: str
     n: int
     mode: Literal["variations", "prior", "interpolation", "class"] = "variations"
-    label: int | None = None
+    label: int | str | None = None  # a class id, or a class name of the prior/bank
     prior: str | None = None
     filter: bool = False
     guidance: float = 2.0
@@ -88,6 +89,7 @@ class Recipe:
     cache: CacheStep | None = None
     train: TrainStep | None = None
     generate: GenerateStep | None = None
+    rare: GenerateStep | None = None  # one class (label) from the pipeline's bank/prior, into rare/
     export: ExportStep | None = None
     evaluate: EvaluateStep | None = None
 
@@ -102,6 +104,8 @@ class Recipe:
             raise ConfigError("export.audit_encoder: the audit compares against the tiles of a tile step")
         if self.evaluate and not (self.generate and self.tile):
             raise ConfigError("evaluate: needs tile and generate steps (real vs synthetic)")
+        if self.rare and self.rare.label is None:
+            raise ConfigError("rare.label: required (a class id or name of the pipeline's bank/prior)")
         if self.generate and self.generate.mode in ("variations", "interpolation") and not self.cache:
             raise ConfigError(f"generate.mode: {self.generate.mode!r} draws real embeddings from a cache step")
 
@@ -233,6 +237,15 @@ class _Steps:
                      label=s.label, prior_dir=Path(s.prior) if s.prior else None, use_filter=s.filter,
                      guidance=s.guidance, steps=s.steps, sampler=None, seed=s.seed, batch_size=s.batch_size)
 
+    def rare(self):
+        from synthgen.pipelines.cli_generate import run_generate
+
+        s = self.r.rare
+        run_generate(pipeline=Path(s.pipeline), out=self.out / "rare", n=s.n, mode=s.mode, cache_dir=None,
+                     embedding_key="emb", images_dir=None, label=s.label, prior_dir=Path(s.prior) if s.prior else None,
+                     use_filter=s.filter, guidance=s.guidance, steps=s.steps, sampler=None, seed=s.seed,
+                     batch_size=s.batch_size)
+
     def export(self):
         from synthgen.cli import _audit
         from synthgen.export.writers import export_dataset
@@ -296,5 +309,11 @@ def _summary(recipe: Recipe, out: Path, report: dict) -> str:
         audit = m.get("privacy_audit") or {}
         lines.append(f"- export: {m['num_items']} items ({m['format']}) in {out / 'export'}; "
                      f"audit: {audit.get('n_flagged', 'not run')} flagged of {audit.get('n_checked', '-')}")
+    rare = out / "rare" / "manifest.json"
+    if rare.exists():
+        m = json.loads(rare.read_text())
+        rate = f"; class filter acceptance {m['acceptance_rate']:.2f}" if "acceptance_rate" in m else ""
+        lines.append(f"- rare class {m.get('class_name', m['class'])} ({m['mode']}): {m['num_items']} images in "
+                     f"{out / 'rare'}{rate}")
     lines.append(f"- contact sheet: {out / 'evaluate' / 'contact_sheet.png'} (top row real, then synthetic)")
     return "\n".join(lines) + "\n"

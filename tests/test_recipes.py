@@ -12,27 +12,30 @@ QUICK = REPO / "recipes" / "quickstart.yaml"
 
 def _small(tmp_path, *extra):
     return load_recipe(QUICK, [f"output_dir={tmp_path / 'qs'}", "generate.n=4", "generate.steps=2",
-                               "evaluate.bootstrap=5", "tile.overlap=0", *extra])
+                               "evaluate.bootstrap=5", "tile.overlap=0", "rare.n=2", "rare.steps=2", *extra])
 
 
 def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the recipe's paths are relative to the repository
     r = _small(tmp_path)
-    assert [a for *_, a in run(r, echo=lambda *_: None)] == ["run"] * 5
+    assert [a for *_, a in run(r, echo=lambda *_: None)] == ["run"] * 6
     out = tmp_path / "qs"
     m = json.loads((out / "export" / "manifest.json").read_text())
     assert m["num_items"] == 4 and m["privacy_audit"]["n_checked"] == 4 and m["recipe_sha256"]
     assert json.loads((out / "evaluate" / "fidelity.json").read_text())["overall"]["n_fake"] == 4
     assert "audit: 0 flagged of 4" in (out / "evaluate" / "summary.md").read_text()
+    rare = json.loads((out / "rare" / "manifest.json").read_text())  # the shipped prior, class by name
+    assert rare["class_name"] == "TUMOR" and rare["num_items"] == 2 and "acceptance_rate" in rare
+    assert "rare class TUMOR (prior): 2 images" in (out / "evaluate" / "summary.md").read_text()
     from PIL import Image
 
     assert Image.open(out / "evaluate" / "contact_sheet.png").size == (8 * 64, 64 + 64)  # real row + 4 synthetic
     from synthgen.export.writers import verify_export
 
     assert verify_export(out / "export")["ok"]
-    assert [a for *_, a in plan(r)] == ["skip"] * 5
+    assert [a for *_, a in plan(r)] == ["skip"] * 6
     changed = _small(tmp_path, "generate.seed=3")
-    assert [a for *_, a in plan(changed)] == ["skip", "skip", "run", "run", "run"]
+    assert [a for *_, a in plan(changed)] == ["skip", "skip", "run", "run", "run", "run"]
     run(changed, echo=lambda *_: None)
     m2 = json.loads((out / "export" / "manifest.json").read_text())
     assert m2["generator"]["seed"] == 3 and m2["items"][0]["sha256"] != m["items"][0]["sha256"]
@@ -60,7 +63,7 @@ def test_interrupted_generate_resumes_without_duplicates(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.chdir(REPO)
     rows = run(r, echo=lambda *_: None)
-    assert [a for *_, a in rows] == ["skip", "skip", "run", "run", "run"]
+    assert [a for *_, a in rows] == ["skip", "skip", "run", "run", "run", "run"]
     m = json.loads((tmp_path / "qs" / "export" / "manifest.json").read_text())
     assert m["num_items"] == 6 and len({it["seed"] for it in m["items"]}) == 6
 

@@ -18,6 +18,7 @@ _EXPORTS = {
     "check_mask": ".masks",
     "PatchDataset": ".datasets",
     "ImageListDataset": ".datasets",
+    "CropViews": ".datasets",
     "build_cache": ".cache",
     "CacheDataset": ".cache",
 }

@@ -2,7 +2,7 @@
 
 A cache is a folder::
 
-    config.json             what was encoded and how (checked on every rerun)
+    config.json             what was encoded and how (checked on every rerun), class names
     shard-00000.safetensors one tensor per encoder (n, ...), plus "index" and "label"
     shard-00001.safetensors
     index.json              written last: shard list, item counts, sha256 of each shard
@@ -44,6 +44,7 @@ def build_cache(
     num_workers: int = 0,
     dtype: torch.dtype = torch.float32,
     fingerprint: Mapping | None = None,
+    classes: list[str] | None = None,
     progress: bool = True,
 ) -> Path:
     """Encode every item of ``dataset`` with every encoder into sharded safetensors files.
@@ -60,6 +61,7 @@ def build_cache(
         dtype: floating dtype stored on disk (float16 halves the size).
         fingerprint: extra JSON-able facts identifying the data and encoders (e.g. the tile
             table's hash and the encoder checkpoints); a rerun with other facts refuses.
+        classes: names of the label ids 0, 1, ... (stored in config.json; :attr:`CacheDataset.classes`).
         progress: show a progress bar.
 
     Returns:
@@ -89,6 +91,8 @@ def build_cache(
         "dtype": str(dtype).removeprefix("torch."),
         "fingerprint": dict(fingerprint or {}),
     }
+    if classes is not None:
+        config["classes"] = list(classes)
     config_file = out / "config.json"
     if config_file.exists():
         old = json.loads(config_file.read_text())
@@ -181,6 +185,9 @@ class CacheDataset(Dataset):
         cache_dir: a folder written by :func:`build_cache`.
         keys: tensors to return (default: all).
 
+    Attributes:
+        classes: names of the label ids when the cache was built with them, else None.
+
     Raises:
         CacheError: no ``index.json`` (the cache is unfinished) or a shard is missing.
     """
@@ -196,6 +203,8 @@ class CacheDataset(Dataset):
         if unknown:
             raise CacheError(f"{self.root}: cache has no {', '.join(unknown)} (has {', '.join(self.index['keys'])})")
         self.keys = list(keys) if keys is not None else list(self.index["keys"])
+        config_file = self.root / "config.json"
+        self.classes = json.loads(config_file.read_text()).get("classes") if config_file.exists() else None
         self._starts = []
         total = 0
         for s in self.index["shards"]:

@@ -137,6 +137,9 @@ class ImageListDataset(Dataset):
         masks: label-map files, one per image, or None.
         size: resize images (and masks, nearest) to this square size when given.
         transform: applied to the uint8 image tensor.
+        image_mpp, mpp: resample images (and masks) from the files' resolution ``image_mpp`` to
+            ``mpp`` (microns per pixel; area averaging when shrinking), keeping their aspect;
+            give both or neither, and not with ``size``.
     """
 
     def __init__(
@@ -147,8 +150,14 @@ class ImageListDataset(Dataset):
         masks: Sequence[str | os.PathLike] | None = None,
         size: int | None = None,
         transform: Callable | None = None,
+        image_mpp: float | None = None,
+        mpp: float | None = None,
     ):
         self.paths = [Path(p) for p in paths]
+        if (image_mpp is None) != (mpp is None) or (mpp is not None and size is not None):
+            raise SynthgenError("ImageListDataset: give image_mpp and mpp together (resample), or size (resize)")
+        if mpp is not None and not (image_mpp > 0 and mpp > 0):
+            raise SynthgenError(f"ImageListDataset: image_mpp and mpp must be positive (got {image_mpp}, {mpp})")
         for name, seq in (("labels", labels), ("masks", masks)):
             if seq is not None and len(seq) != len(self.paths):
                 raise SynthgenError(f"ImageListDataset: {len(seq)} {name} for {len(self.paths)} images")
@@ -157,6 +166,7 @@ class ImageListDataset(Dataset):
         self.masks = None if masks is None else [Path(m) for m in masks]
         self.size = size
         self.transform = transform
+        self.image_mpp, self.mpp = image_mpp, mpp
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, masks: str | os.PathLike | None = None, **kw) -> ImageListDataset:
@@ -226,11 +236,15 @@ class ImageListDataset(Dataset):
                 mask = check_mask(mask, (img.height, img.width), where=str(self.masks[i]))
             except MaskError as e:
                 raise MaskError(f"{e} ({path})") from None
-        if self.size is not None and img.size != (self.size, self.size):
-            down = img.width > self.size
-            img = img.resize((self.size, self.size), Image.Resampling.BOX if down else Image.Resampling.BICUBIC)
+        target = (self.size, self.size) if self.size is not None else None
+        if self.mpp is not None:
+            f = self.image_mpp / self.mpp
+            target = (max(1, round(img.width * f)), max(1, round(img.height * f)))
+        if target is not None and img.size != target:
+            down = img.width > target[0]
+            img = img.resize(target, Image.Resampling.BOX if down else Image.Resampling.BICUBIC)
             if mask is not None:
-                mask = np.asarray(Image.fromarray(mask).resize((self.size, self.size), Image.Resampling.NEAREST))
+                mask = np.asarray(Image.fromarray(mask).resize(target, Image.Resampling.NEAREST))
         item = {"image": _to_tensor(np.asarray(img)), "index": i}
         if self.labels is not None:
             item["label"] = self.labels[i]
@@ -238,6 +252,54 @@ class ImageListDataset(Dataset):
             item["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.int64))
         if self.transform is not None:
             item["image"] = self.transform(item["image"])
+        return item
+
+
+class CropViews(Dataset):
+    """Every ``size`` px crop on a grid of step ``stride`` of each image of ``dataset``, optionally
+    in its 8 dihedral views (4 rotations x mirror), to turn a few labelled tiles into a bank.
+
+    Item k is view ``k % V`` of crop ``(k // V) % C`` of image ``k // (V C)``. All images must have
+    the size of the first. Labels (and masks) follow their image; ``source`` is the image's index
+    in ``dataset``, so that splits can keep all crops of one image together.
+
+    Args:
+        dataset: map-style dataset of dicts with ``image`` (e.g. :class:`ImageListDataset`).
+        size: crop side in pixels; stride: grid step (default ``size``, no overlap).
+        dihedral: 8 views per crop instead of 1.
+    """
+
+    def __init__(self, dataset: Dataset, size: int, stride: int | None = None, dihedral: bool = False):
+        self.dataset, self.size = dataset, size
+        self.shape = tuple(dataset[0]["image"].shape[-2:])
+        h, w = self.shape
+        if size < 1 or size > min(h, w) or (stride is not None and stride < 1):
+            raise SynthgenError(f"CropViews: crop size {size} (stride {stride}) does not fit images of {h}x{w} px")
+        stride = stride or size
+        self.offsets = [(y, x) for y in range(0, h - size + 1, stride) for x in range(0, w - size + 1, stride)]
+        self.views = 8 if dihedral else 1
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset) * len(self.offsets) * self.views
+
+    def __getitem__(self, k: int) -> dict:
+        if not 0 <= k < len(self):
+            raise IndexError(f"index {k} out of range for {len(self)} crops")
+        i, rest = divmod(k, len(self.offsets) * self.views)
+        (y, x), v = self.offsets[rest // self.views], rest % self.views
+        item = dict(self.dataset[i])
+        if tuple(item["image"].shape[-2:]) != self.shape:
+            raise SynthgenError(f"CropViews: item {i} is {tuple(item['image'].shape[-2:])} px, the first is {self.shape}")
+
+        def view(t: torch.Tensor) -> torch.Tensor:
+            t = torch.rot90(t[..., y : y + self.size, x : x + self.size], v % 4, dims=(-2, -1))
+            return (t.flip(-1) if v >= 4 else t).contiguous()
+
+        item["image"] = view(item["image"])
+        if "mask" in item:
+            item["mask"] = view(item["mask"])
+        item["index"], item["source"] = k, i
         return item
 
 

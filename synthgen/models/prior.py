@@ -50,11 +50,15 @@ class EmbeddingPrior(StrictLoadMixin, ModelMixin, ConfigMixin):
         num_tokens, dim: shape of one embedding (tokens x dim, flattened inside).
         num_classes: classes; label ``num_classes`` (or -1) is the unconditional class.
         width, depth: MLP size.
+        class_names: names of the labels 0 .. num_classes - 1 (stored in the config), or None.
     """
 
     @register_to_config
-    def __init__(self, num_tokens: int = 1, dim: int = 128, num_classes: int = 2, width: int = 512, depth: int = 4):
+    def __init__(self, num_tokens: int = 1, dim: int = 128, num_classes: int = 2, width: int = 512, depth: int = 4,
+                 class_names: list[str] | None = None):
         super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
         d = num_tokens * dim
         self.inp = nn.Linear(d, width)
         self.time = nn.Sequential(nn.Linear(128, width), nn.SiLU(), nn.Linear(width, width))

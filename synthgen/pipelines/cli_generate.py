@@ -11,6 +11,7 @@ from synthgen.errors import SynthgenError
 
 
 def _bank(cache_dir: Path, key: str):
+    """Embeddings, labels (or None) and class names (or None) of a feature cache."""
     from synthgen.data.cache import CacheDataset
 
     ds = CacheDataset(cache_dir)
@@ -18,16 +19,44 @@ def _bank(cache_dir: Path, key: str):
         raise SynthgenError(f"{cache_dir}: cache has no {key!r} embeddings (has {', '.join(ds.keys)})")
     embs = torch.stack([ds[i][key] for i in range(len(ds))]).float()
     labels = torch.tensor([ds[i]["label"] for i in range(len(ds))]) if "label" in ds.keys else None
-    return embs, labels
+    return embs, labels, ds.classes
 
 
-def build_plan(pipe, n: int, mode: str | None, cache_dir, embedding_key: str, images_dir, label, prior_dir, seed: int):
+def resolve_class(value, names: list[str] | None, where: str) -> int | None:
+    """A ``--class`` value (an id, or a class name of ``names``, case-insensitive) as a class id.
+
+    Raises:
+        SynthgenError: an unknown name or an id outside ``names``, listing the classes.
+    """
+    if value is None:
+        return None
+    listing = f"{where} has classes {', '.join(f'{i} {n}' for i, n in enumerate(names or []))}"
+    if isinstance(value, int) or str(value).lstrip("-").isdigit():
+        if names is not None and not 0 <= int(value) < len(names):
+            raise SynthgenError(f"--class {value}: no such class id; {listing}")
+        return int(value)
+    if names is None:
+        raise SynthgenError(f"--class {value!r}: {where} has no class names; give a class id")
+    found = [i for i, n in enumerate(names) if n.lower() == str(value).lower()]
+    if not found:
+        raise SynthgenError(f"--class {value!r}: unknown class; {listing}")
+    return found[0]
+
+
+def shipped(pipeline, name: str) -> Path | None:
+    """``PIPELINE/bank`` (labelled feature cache) or ``PIPELINE/prior`` (embedding prior) when shipped."""
+    path = Path(pipeline) / name
+    return path if path.is_dir() else None
+
+
+def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, seed: int):
+    """The generation plan. ``bank``: (embeddings, labels) or None; ``prior``: an EmbeddingPrior or None."""
     from synthgen.pipelines.jobs import GenerationPlan
     from synthgen.pipelines.rare import interpolate_embeddings
 
     g = torch.Generator().manual_seed(seed)
     seeds = [seed * 1_000_000 + i for i in range(n)]
-    mode = mode or ("variations" if (cache_dir or images_dir) else "class")
+    mode = mode or ("variations" if (bank is not None or images_dir) else "class")
     labels = [label] * n
     if mode == "class":
         if not pipe.transformer.config.num_classes:
@@ -37,11 +66,8 @@ def build_plan(pipe, n: int, mode: str | None, cache_dir, embedding_key: str, im
             raise SynthgenError("--mode class needs --class")
         return GenerationPlan(None, labels, seeds, "class")
     if mode == "prior":
-        from synthgen.models.prior import EmbeddingPrior
-
-        if prior_dir is None or label is None:
-            raise SynthgenError("--mode prior needs --prior PRIOR_DIR and --class")
-        prior = EmbeddingPrior.from_pretrained(prior_dir)
+        if prior is None or label is None:
+            raise SynthgenError("--mode prior needs --prior PRIOR_DIR (or a pipeline with prior/) and --class")
         return GenerationPlan(prior.sample(torch.full((n,), label), generator=g).cpu(), labels, seeds, "prior")
     if images_dir is not None:
         from synthgen.data.datasets import ImageListDataset
@@ -49,15 +75,15 @@ def build_plan(pipe, n: int, mode: str | None, cache_dir, embedding_key: str, im
         ds = ImageListDataset.from_folder(images_dir, size=pipe.image_size)
         refs = pipe.encode_images(torch.stack([ds[i]["image"] for i in range(len(ds))])).cpu()
         return GenerationPlan(refs[torch.randint(0, len(refs), (n,), generator=g)], labels, seeds, "variations")
-    if cache_dir is None:
+    if bank is None:
         raise SynthgenError(f"--mode {mode} needs --cache (the real embeddings) or --images")
-    embs, bank_labels = _bank(cache_dir, embedding_key)
+    embs, bank_labels = bank
     if label is not None:
         if bank_labels is None:
-            raise SynthgenError(f"{cache_dir}: cache has no labels, so --class cannot select embeddings")
+            raise SynthgenError("the cache has no labels, so --class cannot select embeddings")
         embs = embs[bank_labels == label]
         if len(embs) == 0:
-            raise SynthgenError(f"{cache_dir}: no embeddings of class {label}")
+            raise SynthgenError(f"the cache has no embeddings of class {label}")
     if mode == "interpolation":
         return GenerationPlan(interpolate_embeddings(embs, n, g), labels, seeds, "interpolation")
     return GenerationPlan(embs[torch.randint(0, len(embs), (n,), generator=g)], labels, seeds, "variations")
@@ -65,6 +91,9 @@ def build_plan(pipe, n: int, mode: str | None, cache_dir, embedding_key: str, im
 
 def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
                  guidance, steps, sampler, seed, batch_size):
+    """``synthgen generate``. A pipeline folder may ship ``bank/`` (labelled real embeddings, the
+    default for --cache when a class, the filter or a bank mode needs one) and ``prior/`` (the
+    default --prior); ``label`` is a class id or a class name of the prior or bank."""
     import hashlib
 
     from accelerate import PartialState
@@ -73,6 +102,28 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     from synthgen.pipelines.jobs import merge_manifest, run_plan
     from synthgen.pipelines.sampling import make_scheduler
 
+    if mode == "prior" and prior_dir is None:
+        prior_dir = shipped(pipeline, "prior")
+    if cache_dir is None and images_dir is None and (label is not None or use_filter
+                                                     or mode in ("variations", "interpolation")):
+        cache_dir = shipped(pipeline, "bank")
+    bank, names = None, None
+    if cache_dir is not None:
+        embs, bank_labels, names = _bank(cache_dir, embedding_key)
+        bank = (embs, bank_labels)
+    prior = None
+    if mode == "prior" and prior_dir is not None:
+        from synthgen.models.prior import EmbeddingPrior
+
+        prior = EmbeddingPrior.from_pretrained(prior_dir)
+        prior_names = prior.config.get("class_names")
+        if names and prior_names and list(names) != list(prior_names):
+            raise SynthgenError(f"{prior_dir} and {cache_dir} name their classes differently "
+                                f"({', '.join(prior_names)} vs {', '.join(names)})")
+        names = prior_names or names
+    label = resolve_class(label, names, "the prior" if prior is not None else "the cache")
+    if prior is not None and label is not None and not 0 <= label < prior.config.num_classes:
+        raise SynthgenError(f"--class {label}: the prior has classes 0-{prior.config.num_classes - 1}")
     state = PartialState(cpu=not torch.cuda.is_available())
     pipe = SynthPipeline.from_pretrained(pipeline).to(state.device)
     pipe.set_progress_bar_config(disable=True)
@@ -80,19 +131,18 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
         cfg = pipe.scheduler.config
         pipe.scheduler = make_scheduler(cfg.get("prediction_type", "epsilon"), sampler,
                                         cfg.get("num_train_timesteps", 1000), cfg.get("beta_schedule", "linear"))
-    plan = build_plan(pipe, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, seed)
+    plan = build_plan(pipe, n, mode, bank, images_dir, label, prior, seed)
     class_filter = encoder = None
     if use_filter:
         from synthgen.pipelines.rare import ClassFilter
 
-        if cache_dir is None or label is None:
+        if bank is None or label is None:
             raise SynthgenError("--filter needs --cache (with labels) and --class")
-        embs, bank_labels = _bank(cache_dir, embedding_key)
-        if bank_labels is None:
+        if bank[1] is None:
             raise SynthgenError(f"{cache_dir}: --filter needs labels in the cache")
         if pipe.image_encoder is None:
             raise SynthgenError("--filter needs a pipeline with an image encoder")
-        class_filter, encoder = ClassFilter(embs, bank_labels), pipe.image_encoder
+        class_filter, encoder = ClassFilter(*bank), pipe.image_encoder
     run_plan(pipe, plan, out, rank=state.process_index, world=state.num_processes, guidance_scale=guidance,
              num_inference_steps=steps, batch_size=batch_size, class_filter=class_filter, encoder=encoder,
              progress=state.is_main_process)
@@ -103,6 +153,8 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
                                 ).hexdigest()[:16] if (Path(pipeline) / "transformer").exists() else None
     meta = {"model_sha256": model_hash, "mode": plan.kind, "class": label, "guidance_scale": guidance,
             "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed}
+    if names and label is not None:
+        meta["class_name"] = names[label]
     return merge_manifest(out, len(plan), meta)
 
 
@@ -130,7 +182,7 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
         emb = pipe.encode_images(crops).cpu()
         grid = emb.reshape(len(starts), len(starts), *emb.shape[1:])
     elif cache_dir is not None:
-        embs, bank_labels = _bank(cache_dir, embedding_key)
+        embs, bank_labels, _ = _bank(cache_dir, embedding_key)
         if label is not None and bank_labels is not None:
             embs = embs[bank_labels == label]
         grid = embs[int(torch.randint(0, len(embs), (1,), generator=torch.Generator().manual_seed(seed)))]
