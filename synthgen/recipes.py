@@ -22,7 +22,7 @@ from synthgen import __version__
 from synthgen._io import atomic_write_text
 from synthgen.config import ConfigError, load_yaml, merge, to_dict
 
-STEPS = ("tile", "cache", "train", "generate", "rare", "export", "evaluate")
+STEPS = ("tile", "cache", "train", "generate", "rare", "paired", "export", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,25 @@ class GenerateStep:
 
 
 @dataclass(frozen=True)
+class PairedStep:
+    """Mask-guided image/mask pairs (segmentation training data) into ``paired/``."""
+
+    pipeline: str  # a pipeline with a mask branch (controlnet/), or give controlnet
+    n: int
+    masks: str = "nuclei"  # nuclei: pseudo-labels of this recipe's tiles; procedural; or a folder of label maps
+    augment: bool = False  # flip/rotate/elastic/remove/add the masks before use
+    density: float = 0.2  # procedural masks: covered fraction
+    diameter_um: float = 7.0  # nucleus size for pseudo-labels, procedural and added nuclei
+    controlnet: str | None = None  # a mask branch replacing the pipeline's own
+    guidance: float = 2.0
+    steps: int = 20
+    seed: int = 0
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
 class ExportStep:
+    source: Literal["generate", "rare", "paired"] = "generate"  # which step's images to export
     format: Literal["imagefolder", "webdataset", "hf"] = "imagefolder"
     class_names: tuple[str, ...] | None = None
     audit_encoder: str | None = None  # set to gate the export on the memorisation audit
@@ -90,6 +108,7 @@ class Recipe:
     train: TrainStep | None = None
     generate: GenerateStep | None = None
     rare: GenerateStep | None = None  # one class (label) from the pipeline's bank/prior, into rare/
+    paired: PairedStep | None = None
     export: ExportStep | None = None
     evaluate: EvaluateStep | None = None
 
@@ -98,12 +117,14 @@ class Recipe:
             raise ConfigError(f"recipe {self.name!r}: no steps (give at least one of: {', '.join(STEPS)})")
         if self.cache and not self.tile:
             raise ConfigError("cache: needs a tile step (it encodes the tiles)")
-        if self.export and not self.generate:
-            raise ConfigError("export: needs a generate step (it exports the generated images)")
+        if self.export and not getattr(self, self.export.source):
+            raise ConfigError(f"export.source: needs a {self.export.source} step (it exports its images)")
         if self.export and self.export.audit_encoder and not self.tile:
             raise ConfigError("export.audit_encoder: the audit compares against the tiles of a tile step")
-        if self.evaluate and not (self.generate and self.tile):
-            raise ConfigError("evaluate: needs tile and generate steps (real vs synthetic)")
+        if self.evaluate and not ((self.generate or self.paired) and self.tile):
+            raise ConfigError("evaluate: needs a tile step and a generate or paired step (real vs synthetic)")
+        if self.paired and self.paired.masks == "nuclei" and not self.tile:
+            raise ConfigError("paired.masks: 'nuclei' pseudo-labels the tiles of a tile step (or give a folder)")
         if self.rare and self.rare.label is None:
             raise ConfigError("rare.label: required (a class id or name of the pipeline's bank/prior)")
         if self.generate and self.generate.mode in ("variations", "interpolation") and not self.cache:
@@ -246,6 +267,57 @@ class _Steps:
                      use_filter=s.filter, guidance=s.guidance, steps=s.steps, sampler=None, seed=s.seed,
                      batch_size=s.batch_size)
 
+    def paired(self):
+        from synthgen.pipelines.cli_generate import run_generate
+
+        s = self.r.paired
+        masks = self._condition_masks(s)
+        run_generate(pipeline=Path(s.pipeline), out=self.out / "paired", n=s.n, mode="mask", cache_dir=None,
+                     embedding_key="emb", images_dir=None, label=None, prior_dir=None, use_filter=False,
+                     guidance=s.guidance, steps=s.steps, sampler=None, seed=s.seed, batch_size=s.batch_size,
+                     masks_dir=masks, controlnet=Path(s.controlnet) if s.controlnet else None)
+
+    def _condition_masks(self, s: PairedStep) -> Path:
+        """The folder of condition label maps: pseudo-labels, procedural or the user's (then augmented)."""
+        import numpy as np
+
+        from synthgen.data.masks import read_label_map, write_label_map
+        from synthgen.data.nuclei import augment_mask, procedural_nuclei, segment_nuclei
+
+        mpp = self.r.tile.mpp if self.r.tile else 1.0
+        size = self.r.tile.size if self.r.tile else 64
+        d = s.diameter_um / mpp
+        folder = self.out / "paired_masks"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(s.seed)
+        if s.masks == "nuclei":
+            from synthgen.data.datasets import PatchDataset
+
+            ds = PatchDataset(self.out / "tile" / "tiles.csv")
+            idx = rng.permutation(len(ds))
+            masks = []
+            for i in idx:  # tiles with some nuclei, in a seeded order
+                m = segment_nuclei(ds[int(i)]["image"].numpy(), diameter=d)
+                if m.max() >= 3:
+                    masks.append(m)
+                if len(masks) == s.n:
+                    break
+        elif s.masks == "procedural":
+            masks = [procedural_nuclei(size, s.density, d, seed=rng) for _ in range(s.n)]
+        else:
+            files = sorted(p for p in Path(s.masks).rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff"))
+            if not files:
+                raise ConfigError(f"paired.masks: {s.masks} has no label maps (and is not 'nuclei' or 'procedural')")
+            masks = [read_label_map(f) for f in files]
+        if not masks:
+            raise ConfigError("paired.masks: no tile of the tile step has nuclei to pseudo-label")
+        for k, m in enumerate(masks):
+            if s.augment:
+                m, _ = augment_mask(m, seed=rng, elastic=2.0, remove=0.1, add=0.1, diameter=d)
+            write_label_map(folder / f"{k:06d}.png", m)
+        return folder
+
     def export(self):
         from synthgen.cli import _audit
         from synthgen.export.writers import export_dataset
@@ -253,11 +325,11 @@ class _Steps:
         s = self.r.export
         audit = None
         if s.audit_encoder:
-            audit = _audit(self.out / "generate", self.out / "tile" / "tiles.csv", s.audit_encoder, s.audit_threshold)
-        manifest = json.loads((self.out / "generate" / "manifest.json").read_text())
+            audit = _audit(self.out / s.source, self.out / "tile" / "tiles.csv", s.audit_encoder, s.audit_threshold)
+        manifest = json.loads((self.out / s.source / "manifest.json").read_text())
         manifest["recipe_sha256"] = _hash(to_dict(self.r))
-        (self.out / "generate" / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        export_dataset(self.out / "generate", self.out / "export", s.format,
+        (self.out / s.source / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        export_dataset(self.out / s.source, self.out / "export", s.format,
                        class_names=list(s.class_names) if s.class_names else None, licence=s.licence, audit=audit,
                        max_flagged=s.max_flagged, allow_risk=s.allow_risk, drop_flagged=s.drop_flagged)
 
@@ -268,13 +340,43 @@ class _Steps:
 
         enc = load_encoder(self.r.evaluate.encoder)
         fr, _ = extract_features(enc, _image_set(self.out / "tile" / "tiles.csv", None))
-        fs, _ = extract_features(enc, _image_set(self.out / "generate", None))
+        synth = self.out / ("generate" if self.r.generate else "paired")
+        fs, _ = extract_features(enc, _image_set(synth, None))
         report = fidelity_report(fr, fs, n_bootstrap=self.r.evaluate.bootstrap)
         ev = self.out / "evaluate"
         ev.mkdir(parents=True, exist_ok=True)
         (ev / "fidelity.json").write_text(json.dumps(report, indent=1))
-        contact_sheet(self.out / "tile" / "tiles.csv", self.out / "generate", ev / "contact_sheet.png")
+        if self.r.paired:
+            (ev / "masks.json").write_text(json.dumps(self._adherence(), indent=1))
+        contact_sheet(self.out / "tile" / "tiles.csv", synth, ev / "contact_sheet.png")
         (ev / "summary.md").write_text(_summary(self.r, self.out, report))
+
+
+    def _adherence(self) -> dict:
+        """Adherence of the paired output to its masks, and the mask branch beside its baseline."""
+        import numpy as np
+        from PIL import Image
+
+        from synthgen.data.masks import read_label_map
+        from synthgen.metrics.masks import adherence_study, mask_adherence
+        from synthgen.pipelines.generate import SynthPipeline
+
+        s, root = self.r.paired, self.out / "paired"
+        items = json.loads((root / "manifest.json").read_text())["items"]
+        images = [np.asarray(Image.open(root / it["file"]).convert("RGB")) for it in items]
+        masks = np.stack([read_label_map(root / it["mask"]) for it in items])
+        out = {"paired_output": mask_adherence(images, masks)}
+        out["paired_output"].pop("dice_per_image")
+        pipe = SynthPipeline.from_pretrained(s.pipeline)
+        if s.controlnet:
+            from synthgen.models.controlnet import MaskControlNet
+
+            pipe.register_modules(controlnet=MaskControlNet.from_pretrained(s.controlnet))
+        pipe.set_progress_bar_config(disable=True)
+        study = adherence_study(pipe, masks[:16], None, num_inference_steps=s.steps)
+        study.pop("images")
+        out["with_and_without_branch"] = study
+        return out
 
 
 def contact_sheet(tiles: Path, generated: Path, path: Path, n: int = 8) -> Path:
@@ -315,5 +417,12 @@ def _summary(recipe: Recipe, out: Path, report: dict) -> str:
         rate = f"; class filter acceptance {m['acceptance_rate']:.2f}" if "acceptance_rate" in m else ""
         lines.append(f"- rare class {m.get('class_name', m['class'])} ({m['mode']}): {m['num_items']} images in "
                      f"{out / 'rare'}{rate}")
+    masks = out / "evaluate" / "masks.json"
+    if masks.exists():
+        m = json.loads(masks.read_text())
+        w = m["with_and_without_branch"]
+        lines.append(f"- mask-guided pairs: {m['paired_output']['num_images']} in {out / 'paired'}; adherence Dice "
+                     f"{m['paired_output']['dice']:.2f}, object F1 {m['paired_output']['object_f1']:.2f} (same masks "
+                     f"without the mask branch: Dice {w['baseline']['dice']:.2f}, F1 {w['baseline']['object_f1']:.2f})")
     lines.append(f"- contact sheet: {out / 'evaluate' / 'contact_sheet.png'} (top row real, then synthetic)")
     return "\n".join(lines) + "\n"

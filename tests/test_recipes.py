@@ -12,13 +12,14 @@ QUICK = REPO / "recipes" / "quickstart.yaml"
 
 def _small(tmp_path, *extra):
     return load_recipe(QUICK, [f"output_dir={tmp_path / 'qs'}", "generate.n=4", "generate.steps=2",
-                               "evaluate.bootstrap=5", "tile.overlap=0", "rare.n=2", "rare.steps=2", *extra])
+                               "evaluate.bootstrap=5", "tile.overlap=0", "rare.n=2", "rare.steps=2", "paired.n=3",
+                               "paired.steps=2", *extra])
 
 
 def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the recipe's paths are relative to the repository
     r = _small(tmp_path)
-    assert [a for *_, a in run(r, echo=lambda *_: None)] == ["run"] * 6
+    assert [a for *_, a in run(r, echo=lambda *_: None)] == ["run"] * 7
     out = tmp_path / "qs"
     m = json.loads((out / "export" / "manifest.json").read_text())
     assert m["num_items"] == 4 and m["privacy_audit"]["n_checked"] == 4 and m["recipe_sha256"]
@@ -27,15 +28,20 @@ def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monk
     rare = json.loads((out / "rare" / "manifest.json").read_text())  # the shipped prior, class by name
     assert rare["class_name"] == "TUMOR" and rare["num_items"] == 2 and "acceptance_rate" in rare
     assert "rare class TUMOR (prior): 2 images" in (out / "evaluate" / "summary.md").read_text()
+    paired = json.loads((out / "paired" / "manifest.json").read_text())  # nuclei masks of real tiles -> pairs
+    assert paired["num_items"] == 3 and all((out / "paired" / it["mask"]).exists() for it in paired["items"])
+    adherence = json.loads((out / "evaluate" / "masks.json").read_text())
+    assert set(adherence["with_and_without_branch"]) >= {"controlnet", "baseline", "dice_gain"}
+    assert "mask-guided pairs: 3" in (out / "evaluate" / "summary.md").read_text()
     from PIL import Image
 
     assert Image.open(out / "evaluate" / "contact_sheet.png").size == (8 * 64, 64 + 64)  # real row + 4 synthetic
     from synthgen.export.writers import verify_export
 
     assert verify_export(out / "export")["ok"]
-    assert [a for *_, a in plan(r)] == ["skip"] * 6
+    assert [a for *_, a in plan(r)] == ["skip"] * 7
     changed = _small(tmp_path, "generate.seed=3")
-    assert [a for *_, a in plan(changed)] == ["skip", "skip", "run", "run", "run", "run"]
+    assert [a for *_, a in plan(changed)] == ["skip", "skip", "run", "run", "run", "run", "run"]
     run(changed, echo=lambda *_: None)
     m2 = json.loads((out / "export" / "manifest.json").read_text())
     assert m2["generator"]["seed"] == 3 and m2["items"][0]["sha256"] != m["items"][0]["sha256"]
@@ -63,7 +69,7 @@ def test_interrupted_generate_resumes_without_duplicates(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.chdir(REPO)
     rows = run(r, echo=lambda *_: None)
-    assert [a for *_, a in rows] == ["skip", "skip", "run", "run", "run", "run"]
+    assert [a for *_, a in rows] == ["skip", "skip", "run", "run", "run", "run", "run"]
     m = json.loads((tmp_path / "qs" / "export" / "manifest.json").read_text())
     assert m["num_items"] == 6 and len({it["seed"] for it in m["items"]}) == 6
 
@@ -77,7 +83,7 @@ BROKEN = [
       "generate": {"pipeline": "p", "n": 2, "mode": "dream"}},
      r"generate\.mode: 'dream' is not one of variations, prior, interpolation, class"),
     ({"name": "x", "output_dir": "o", "cache": {"encoders": {"emb": "ssl:x"}}}, r"cache: needs a tile step"),
-    ({"name": "x", "output_dir": "o", "tile": {"slides": ["a"]}, "export": {}}, r"export: needs a generate step"),
+    ({"name": "x", "output_dir": "o", "tile": {"slides": ["a"]}, "export": {}}, r"export.source: needs a generate step"),
     ({"name": "x", "output_dir": "o", "tile": {"slides": ["a"]}, "generate": {"pipeline": "p", "n": 2}},
      r"generate\.mode: 'variations' draws real embeddings from a cache step"),
     ({"name": "x", "output_dir": "o", "tile": {"slides": ["a"]}, "cache": {"encoders": {}},

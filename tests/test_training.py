@@ -157,7 +157,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(cache, tmp_path):
     ({"objective": {"kind": "eps"}}, r"objective\.kind: 'eps' is not one of epsilon, v_prediction, flow"),
     ({"optim": {"batch_size": 0}}, r"optim\.batch_size: must be positive"),
     ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number"),
-    ({"task": "gan"}, r"task: 'gan' is not one of denoiser, vae, ssl, prior"),
+    ({"task": "gan"}, r"task: 'gan' is not one of denoiser, controlnet, vae, ssl, prior"),
     ({"modle": {}}, r"modle: unknown field"),
     ({"data": {"cache": "/nonexistent/cache"}}, r"/nonexistent/cache: no index\.json"),
     ({"optim": {"batch_size": 100000}}, r"optim\.batch_size: 100000 per process is more than"),

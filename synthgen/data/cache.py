@@ -51,7 +51,8 @@ def build_cache(
 
     Args:
         dataset: map-style dataset of dicts with ``image`` (uint8, 3 x H x W) and optionally
-            ``label`` (e.g. :class:`~synthgen.data.PatchDataset`).
+            ``label`` and ``mask`` (an H x W label map), stored as they are (e.g.
+            :class:`~synthgen.data.PatchDataset`).
         out_dir: cache folder (created).
         encoders: name -> callable taking a uint8 batch (B, 3, H, W) and returning a float
             tensor (B, ...). Encoders own their preprocessing. ``latents`` is the name the
@@ -115,6 +116,7 @@ def build_cache(
         loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers)
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoders}
         labels: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
         with torch.inference_mode():
             for batch in loader:
                 images = batch["image"]
@@ -132,11 +134,15 @@ def build_cache(
                     parts[name].append(feats.detach().to("cpu", dtype if feats.is_floating_point() else feats.dtype))
                 if "label" in batch:
                     labels.append(torch.as_tensor(batch["label"]).long())
+                if "mask" in batch:  # the dataset's own label maps (GeoJSON, label-map files)
+                    masks.append(torch.as_tensor(batch["mask"]).to(torch.int32))
                 bar.update(len(images))
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         tensors["index"] = torch.arange(lo, hi, dtype=torch.long)
         if labels:
             tensors["label"] = torch.cat(labels)
+        if masks and "mask" not in tensors:
+            tensors["mask"] = torch.cat(masks)
         tmp = out / f".shard-{s:05d}.tmp-{os.getpid()}"
         # one metadata key: safetensors stores metadata as a hash map, whose order varies by process
         save_file(tensors, str(tmp), metadata={"config_hash": config_hash})

@@ -58,6 +58,8 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
     seeds = [seed * 1_000_000 + i for i in range(n)]
     mode = mode or ("variations" if (bank is not None or images_dir) else "class")
     labels = [label] * n
+    if mode == "mask":  # the condition masks alone (null embedding); run_generate attaches them
+        return GenerationPlan(None, labels, seeds, "mask")
     if mode == "class":
         if not pipe.transformer.config.num_classes:
             raise SynthgenError("--mode class needs a class-conditional model; this one is conditioned on embeddings "
@@ -90,10 +92,15 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
 
 
 def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-                 guidance, steps, sampler, seed, batch_size):
+                 guidance, steps, sampler, seed, batch_size, masks_dir=None, controlnet=None):
     """``synthgen generate``. A pipeline folder may ship ``bank/`` (labelled real embeddings, the
     default for --cache when a class, the filter or a bank mode needs one) and ``prior/`` (the
-    default --prior); ``label`` is a class id or a class name of the prior or bank."""
+    default --prior); ``label`` is a class id or a class name of the prior or bank.
+
+    ``masks_dir``: condition label maps for a mask-guided pipeline, given to the images in turn
+    (image i gets mask i mod M) and written beside them as segmentation pairs; without another
+    condition source the images are sampled from the masks alone. ``controlnet``: a mask branch
+    folder replacing the pipeline's own."""
     import hashlib
 
     from accelerate import PartialState
@@ -102,6 +109,15 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     from synthgen.pipelines.jobs import merge_manifest, run_plan
     from synthgen.pipelines.sampling import make_scheduler
 
+    mask_files = None
+    if masks_dir is not None:
+        mask_files = sorted(p for p in Path(masks_dir).rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff"))
+        if not mask_files:
+            raise SynthgenError(f"{masks_dir}: no label-map images (.png, .tif) for --masks")
+        if mode is None and cache_dir is None and images_dir is None:
+            mode = "mask"
+    elif mode == "mask":
+        raise SynthgenError("--mode mask needs --masks DIR")
     if mode == "prior" and prior_dir is None:
         prior_dir = shipped(pipeline, "prior")
     if cache_dir is None and images_dir is None and (label is not None or use_filter
@@ -131,7 +147,16 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
         cfg = pipe.scheduler.config
         pipe.scheduler = make_scheduler(cfg.get("prediction_type", "epsilon"), sampler,
                                         cfg.get("num_train_timesteps", 1000), cfg.get("beta_schedule", "linear"))
+    if controlnet is not None:
+        from synthgen.models.controlnet import MaskControlNet
+
+        pipe.register_modules(controlnet=MaskControlNet.from_pretrained(controlnet).to(state.device))
+    if mask_files is not None and pipe.controlnet is None:
+        raise SynthgenError(f"--masks: {pipeline} has no mask branch (controlnet/); pass --controlnet DIR "
+                            "(train one with `synthgen train`, task: controlnet)")
     plan = build_plan(pipe, n, mode, bank, images_dir, label, prior, seed)
+    if mask_files is not None:
+        plan.masks = [mask_files[i % len(mask_files)] for i in range(len(plan))]
     class_filter = encoder = None
     if use_filter:
         from synthgen.pipelines.rare import ClassFilter
