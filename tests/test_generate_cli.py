@@ -126,3 +126,12 @@ def test_assemble_reads_the_objective_of_therun_cli(setup, tmp_path):
           "--encoder", str(setup / "pipe" / "image_encoder")])
     pipe = SynthPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.image_encoder is not None
+    # a released pipeline's layout (transformer/, vae/ subfolders, as on the hub) plus a mask branch
+    from synthgen.models.controlnet import MaskControlNet
+
+    MaskControlNet.from_denoiser(pipe.transformer, num_layers=1).save_pretrained(tmp_path / "cn")
+    run_cli(["assemble", "-o", str(tmp_path / "pipe2"), "--denoiser", str(tmp_path / "pipe"), "--vae",
+             str(tmp_path / "pipe"), "--prediction", "epsilon", "--controlnet", str(tmp_path / "cn")])
+    pipe2 = SynthPipeline.from_pretrained(tmp_path / "pipe2")
+    assert pipe2.controlnet is not None and pipe2.scheduler.config.prediction_type == "epsilon"
+    assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in pipe2.transformer.state_dict().items())

@@ -129,3 +129,32 @@ def test_recipe_train_step_uses_the_recipe_cache(cmu, tmp_path):
     assert (tmp_path / "out" / "train" / "model" / "config.json").exists()
     train_cfg.write_text(train_cfg.read_text().replace('"steps": 3', '"steps": 4'))  # editing the file reruns train
     assert [a for *_, a in plan(r)] == ["skip", "skip", "run"]
+
+
+def test_gpu_scale_recipes_validate():
+    """The PixCell-scale recipes and the 8-GPU training config are valid as shipped (they need a GPU
+    and the hub to run; here they must at least parse, name real presets and hub specs)."""
+    from synthgen.config import load_train_config
+    from synthgen.models.presets import denoiser_config
+
+    for name, tokens in (("pixcell_256", 1), ("pixcell_1024", 16)):
+        r = load_recipe(REPO / "recipes" / f"{name}.yaml")
+        assert r.tile.mpp == 0.5 and "MahmoodLab/UNI2-h" in r.cache.encoders["emb"]
+        assert ("#grid=4" in r.cache.encoders["emb"]) == (tokens == 16)
+    cfg = load_train_config(REPO / "recipes" / "train" / "pixcell_256_8gpu.yaml")
+    assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing
+    assert denoiser_config(cfg.model.preset)["caption_channels"] == 1536
+
+
+def test_encoder_spec_options(tmp_path):
+    from synthgen.encoders.load import load_encoder
+    from synthgen.errors import SynthgenError
+    from synthgen.models.vae import VAE
+
+    VAE.from_preset("tiny").model.save_pretrained(tmp_path / "pipe" / "vae")
+    enc = load_encoder(f"vae:{tmp_path / 'pipe'}#subfolder=vae")  # same as the automatic subfolder
+    assert enc.downscale == load_encoder(f"vae:{tmp_path / 'pipe'}").downscale
+    with pytest.raises(SynthgenError, match="unknown option 'grid=4'"):
+        load_encoder(f"vae:{tmp_path / 'pipe'}#grid=4")
+    with pytest.raises(SynthgenError, match="grid must be a positive integer"):
+        load_encoder("timm:hf-hub:MahmoodLab/UNI2-h#grid=four")

@@ -33,3 +33,17 @@ class StrictLoadMixin:
                 f"({'; '.join(parts)}); check the config, or pass strict=False"
             )
         return (model, info) if want_info else model
+
+
+def component_subfolder(source, name: str) -> str | None:
+    """Where a pipeline component lives in ``source``: ``name`` (e.g. ``"vae"``, ``"transformer"``)
+    for a pipeline-layout folder or a hub id (released pipelines keep each model in its
+    subfolder), None for a bare model folder."""
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_dir():
+        return name if (path / name / "config.json").exists() else None
+    if path.exists():
+        raise CheckpointError(f"{source}: a file, not a model folder or hub id")
+    return name

@@ -84,7 +84,9 @@ class DenoiserTask(Task):
 
         m = self.cfg.model
         if m.pretrained:
-            net = Denoiser.from_pretrained(m.pretrained)
+            from synthgen.models.loading import component_subfolder
+
+            net = Denoiser.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "transformer"))
             if m.sample_size and m.sample_size != net.config.sample_size:
                 net = net.resized(m.sample_size)
         else:
@@ -106,9 +108,10 @@ class DenoiserTask(Task):
     @property
     def vae(self):
         if "vae" not in self._frozen and self.cfg.data.vae:
+            from synthgen.models.loading import component_subfolder
             from synthgen.models.vae import VAE
 
-            sub = "vae" if (Path(self.cfg.data.vae) / "vae" / "config.json").exists() else None
+            sub = component_subfolder(self.cfg.data.vae, "vae")
             self._frozen["vae"] = VAE.from_pretrained(self.cfg.data.vae, subfolder=sub).eval().requires_grad_(False)
         return self._frozen.get("vae")
 
@@ -230,8 +233,9 @@ class ControlNetTask(DenoiserTask):
         if not d.cache:
             raise ConfigError("data.cache: task controlnet needs a feature cache with latents, embeddings and masks "
                               "(synthgen cache TILES -e latents=vae:... -e emb=... -e mask=synthgen.data.nuclei:segmenter)")
-        sub = "transformer" if (Path(m.pretrained) / "transformer" / "config.json").exists() else None
-        base = Denoiser.from_pretrained(m.pretrained, subfolder=sub).eval().requires_grad_(False)
+        from synthgen.models.loading import component_subfolder
+
+        base = Denoiser.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "transformer")).eval().requires_grad_(False)
         self._frozen["base"] = base
         first = self.dataset()[0]
         if d.mask_key not in first:
