@@ -161,6 +161,7 @@ class DataConfig:
     embedding_key: str = "emb"
     use_labels: bool = False  # class-conditional denoiser: read "label" from the cache/dataset
     mask_key: str = "mask"  # controlnet: the cache entry holding label maps
+    target_cache: str | None = None  # translator: the target-stain cache paired item by item with ``cache``
     vae: str | None = None  # VAE folder: on-the-fly latents and decoded sample grids
     encoder: str | None = None  # encoder spec for on-the-fly embeddings (see synthgen cache --help)
     num_workers: int = 2
@@ -229,7 +230,7 @@ class LoraConfig:
 class TrainConfig:
     """A training run. Load from YAML with :func:`load_train_config`."""
 
-    task: Literal["denoiser", "controlnet", "vae", "ssl", "prior"]
+    task: Literal["denoiser", "controlnet", "vae", "ssl", "prior", "translator"]
     output_dir: str
     steps: int
     model: ModelConfig = field(default_factory=ModelConfig)

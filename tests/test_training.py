@@ -157,7 +157,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(cache, tmp_path):
     ({"objective": {"kind": "eps"}}, r"objective\.kind: 'eps' is not one of epsilon, v_prediction, flow"),
     ({"optim": {"batch_size": 0}}, r"optim\.batch_size: must be positive"),
     ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number"),
-    ({"task": "gan"}, r"task: 'gan' is not one of denoiser, controlnet, vae, ssl, prior"),
+    ({"task": "gan"}, r"task: 'gan' is not one of denoiser, controlnet, vae, ssl, prior, translator"),
     ({"modle": {}}, r"modle: unknown field"),
     ({"data": {"cache": "/nonexistent/cache"}}, r"/nonexistent/cache: no index\.json"),
     ({"optim": {"batch_size": 100000}}, r"optim\.batch_size: 100000 per process is more than"),
@@ -218,6 +218,12 @@ def test_denoiser_sample_grid_and_lora_finetune(cache, tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(any(m in k for m in ("to_q", "to_k", "to_v", "to_out")) for k in changed)
     assert base.model.config.sample_size == merged.config.sample_size
+    # the shipped form: the adapter alone, folded into the base weights at load time
+    from synthgen.pipelines.stain import merge_lora
+
+    folded = merge_lora(Denoiser.from_pretrained(tmp_path / "base" / "model"), tmp_path / "lora" / "model")
+    for k, v in folded.state_dict().items():
+        torch.testing.assert_close(v, after[k], rtol=1e-5, atol=1e-6)
 
 
 def test_progressive_resolution(cache, tmp_path):

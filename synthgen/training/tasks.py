@@ -7,6 +7,7 @@ accelerate's DDP/FSDP wrapper sees every trainable parameter through one forward
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from synthgen._io import atomic_write_text
 from synthgen.config import ConfigError, TrainConfig
+from synthgen.errors import SynthgenError
 
 log = logging.getLogger("synthgen.training")
 
@@ -205,6 +208,10 @@ class DenoiserTask(Task):
             path.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()},
                       str(path / "lora_adapter.safetensors"))
+            lo = self.cfg.lora  # what merge_lora needs to apply the adapter to the base weights alone
+            atomic_write_text(path / "lora_config.json", json.dumps(
+                {"rank": lo.rank, "alpha": lo.alpha or lo.rank, "target_modules": list(lo.target_modules),
+                 "base": self.cfg.model.pretrained}, indent=1))
             merged = type(net).from_config(net.config)
             merged.load_state_dict(_merged_state_dict(net))
             merged.save_pretrained(path)
@@ -385,4 +392,60 @@ class PriorTask(Task):
         return self.net.loss(emb, torch.as_tensor(batch["label"]), generator, self.cfg.objective.cfg_dropout)
 
 
-TASKS = {"denoiser": DenoiserTask, "controlnet": ControlNetTask, "vae": VAETask, "ssl": SSLTask, "prior": PriorTask}
+class TranslatorTask(Task):
+    """Stain translator (:class:`~synthgen.models.stain.StainTranslator`): source (H&E) embeddings
+    from ``data.cache``, the matching target (IHC) embeddings from ``data.target_cache``, item i
+    of one paired with item i of the other. The target stain is ``model.overrides.class_names``
+    (one name: every pair; several: the target cache's labels index them)."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        from synthgen.data.cache import CacheDataset
+        from synthgen.data.pairs import resolve_stain
+        from synthgen.models.stain import StainTranslator
+
+        self.cfg = cfg
+        d, m = cfg.data, cfg.model
+        if not (d.cache and d.target_cache):
+            raise ConfigError("data.cache / data.target_cache: the translator trains on two feature caches of the "
+                              "same pairs (source stain, target stain), in the same order")
+        key = d.embedding_key
+        src, tgt = CacheDataset(d.cache, keys=[key]), CacheDataset(d.target_cache)
+        if len(src) != len(tgt):
+            raise ConfigError(f"data.target_cache: {len(tgt)} items but data.cache has {len(src)}; the caches must "
+                              "hold the same pairs in the same order")
+        source = torch.stack([src[i][key] for i in range(len(src))]).float()
+        target = torch.stack([tgt[i][key] for i in range(len(tgt))]).float()
+        overrides = dict(m.overrides)
+        names = overrides.pop("class_names", None) or overrides.pop("stains", None)
+        if not names:
+            raise ConfigError("model.overrides.class_names: name the target stain(s), e.g. [ki67]")
+        try:
+            names = [resolve_stain(n) for n in names]
+        except SynthgenError as e:
+            raise ConfigError(f"model.overrides.class_names: {e}") from e
+        if len(names) > 1 and "label" not in tgt.keys:
+            raise ConfigError("model.overrides.class_names: several stains need labels in data.target_cache")
+        labels = (torch.tensor([tgt[i]["label"] for i in range(len(tgt))]) if len(names) > 1
+                  else torch.zeros(len(tgt), dtype=torch.long))
+        self.pairs = {"source": source, "target": target, "label": labels}
+        if m.pretrained:
+            self.net = StainTranslator.from_pretrained(m.pretrained)
+        else:
+            self.net = StainTranslator(num_tokens=target.shape[1], dim=target.shape[2], num_classes=len(names),
+                                       class_names=names, **overrides)
+            self.net.fit_normalization(target, source)
+
+    def dataset(self) -> Dataset:
+        from torch.utils.data import StackDataset
+
+        return StackDataset(**self.pairs)
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        device = next(self.net.parameters()).device
+        return self.net.loss(batch["target"].to(device), torch.as_tensor(batch["label"]), generator,
+                             self.cfg.objective.cfg_dropout, source=batch["source"].to(device))
+
+
+TASKS = {"denoiser": DenoiserTask, "controlnet": ControlNetTask, "vae": VAETask, "ssl": SSLTask, "prior": PriorTask,
+         "translator": TranslatorTask}

@@ -1,0 +1,121 @@
+"""Virtual IHC: H&E (or hematoxylin) tiles -> IHC tiles of a target stain, PixCell's way.
+
+1. the pipeline's image encoder embeds the source tile;
+2. a :class:`~synthgen.models.stain.StainTranslator` turns that embedding into the embedding the
+   matching IHC tile would have;
+3. the denoiser, adapted to IHC images (a LoRA adapter merged into the base weights, or a full
+   fine-tune), decodes the IHC embedding into an IHC tile.
+
+**Structure-preserving mode** also gives the mask branch the nuclei of the source tile
+(:func:`~synthgen.data.nuclei.segment_nuclei`), so nuclei stay where they are in the H&E; the
+embedding-only mode keeps the tissue's character but not its layout.
+
+A pipeline folder holds its stains as ``stains/<name>/translator`` plus ``stains/<name>/lora``
+(``lora_adapter.safetensors`` + ``lora_config.json``) or ``stains/<name>/transformer``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synthgen.errors import StainError
+
+
+def available_stains(pipeline_dir: str | os.PathLike) -> list[str]:
+    root = Path(pipeline_dir) / "stains"
+    return sorted(p.name for p in root.iterdir() if (p / "translator").is_dir()) if root.is_dir() else []
+
+
+@torch.no_grad()
+def merge_lora(denoiser, lora_dir: str | os.PathLike):
+    """A copy of ``denoiser`` with the LoRA adapter in ``lora_dir`` folded into its weights
+    (W + alpha / rank * B A), as saved by ``synthgen train`` with ``lora.rank > 0``."""
+    from safetensors.torch import load_file
+
+    lora_dir = Path(lora_dir)
+    cfg = json.loads((lora_dir / "lora_config.json").read_text())
+    state = load_file(str(lora_dir / "lora_adapter.safetensors"))
+    scale = cfg["alpha"] / cfg["rank"]
+    out = copy.deepcopy(denoiser)
+    params = dict(out.named_parameters())
+    merged = 0
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        prefix = key.split(".lora_A.")[0]
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        name = f"{prefix}.weight"
+        if name not in params:
+            raise StainError(f"{lora_dir}: adapter targets {prefix}, which the base denoiser does not have")
+        w = params[name]
+        w += (scale * (b.float() @ a.float())).to(w.dtype)
+        merged += 1
+    if not merged:
+        raise StainError(f"{lora_dir}: no LoRA weights in lora_adapter.safetensors")
+    return out
+
+
+def load_stain(pipeline_dir: str | os.PathLike, stain: str):
+    """(IHC pipeline, translator) for ``stain`` from a pipeline folder's ``stains/``.
+
+    Raises:
+        StainError: unknown stain name, or no model for it in this pipeline (lists those there).
+    """
+    from synthgen.data.pairs import resolve_stain
+    from synthgen.models.denoiser import Denoiser
+    from synthgen.models.stain import StainTranslator
+    from synthgen.pipelines.generate import SynthPipeline
+
+    name = resolve_stain(stain)
+    folder = Path(pipeline_dir) / "stains" / name
+    if not (folder / "translator").is_dir():
+        have = available_stains(pipeline_dir)
+        raise StainError(f"{pipeline_dir}: no virtual-{name} model (stains/{name}/translator); "
+                         f"this pipeline has: {', '.join(have) or 'no stain models'}")
+    pipe = SynthPipeline.from_pretrained(pipeline_dir)
+    if (folder / "lora").is_dir():
+        transformer = merge_lora(pipe.transformer, folder / "lora")
+    elif (folder / "transformer").is_dir():
+        transformer = Denoiser.from_pretrained(folder / "transformer")
+    else:
+        raise StainError(f"{folder}: needs lora/ (an adapter) or transformer/ (a fine-tuned denoiser)")
+    ihc = SynthPipeline(transformer, pipe.vae, pipe.scheduler, image_encoder=pipe.image_encoder,
+                        controlnet=pipe.controlnet)
+    ihc.set_progress_bar_config(disable=True)
+    return ihc, StainTranslator.from_pretrained(folder / "translator")
+
+
+def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inference_steps: int = 20,
+                  guidance_scale: float = 2.0, structure: bool = False, batch_size: int = 32) -> np.ndarray:
+    """Virtual ``stain`` tiles (uint8 (B, H, W, 3)) for source tiles ``images`` (uint8 (B, 3, H, W)
+    or (B, H, W, 3), at the model's tile size).
+
+    Args:
+        structure: also condition on the source tile's nuclei through the mask branch.
+        seeds: one per image (the translator's and the denoiser's noise); default 0..B-1.
+    """
+    from synthgen.data.nuclei import segment_nuclei
+    from synthgen.pipelines.generate import _as_uint8_tensor
+
+    x = _as_uint8_tensor(images)
+    size = pipe.image_size
+    if tuple(x.shape[-2:]) != (size, size):
+        raise StainError(f"source tiles must be {size}x{size} px (the model's tile size at its resolution), "
+                         f"got {tuple(x.shape[-2:])}")
+    seeds = list(range(len(x))) if seeds is None else [int(s) for s in seeds]
+    src = pipe.encode_images(x)
+    g = torch.Generator().manual_seed(seeds[0] if seeds else 0)
+    emb = translator.translate(src.cpu(), stain, generator=g)
+    kw = {}
+    if structure:
+        if pipe.controlnet is None:
+            raise StainError("structure-preserving mode needs a pipeline with a mask branch (controlnet/)")
+        kw["masks"] = np.stack([segment_nuclei(im) for im in x.permute(0, 2, 3, 1).numpy()])
+    return pipe(embeddings=emb, seeds=seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                batch_size=batch_size, output_type="np", **kw).images
