@@ -69,13 +69,10 @@ def train_rate(dataset, steps: int, batch_size: int, workers: int) -> float:
     return rate
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pipeline", type=Path, default=REPO / "checkpoints" / "synthgen-small-cmu")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args()
+def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int = 30, batch_size: int = 32,
+        workers: int = 2) -> dict:
+    """Training samples/s without and with SynthAugment, their ratio and a ``summary`` row."""
+    args = argparse.Namespace(pipeline=Path(pipeline), steps=steps, batch_size=batch_size, workers=workers)
 
     import tempfile
 
@@ -95,12 +92,27 @@ def main() -> None:
         share = aug.is_synthetic.mean()
         base = train_rate(real, args.steps, args.batch_size, args.workers)
         with_synth = train_rate(aug, args.steps, args.batch_size, args.workers)
+    return {"share": float(share), "workers": args.workers, "batch_size": args.batch_size,
+            "real_samples_per_s": base, "augmented_samples_per_s": with_synth, "ratio": with_synth / base,
+            "summary": [{"measure": f"classifier training samples/s, {share:.0%} synthetic (8 steps)",
+                         "reference": "real tiles only", "reference_value": base, "synthgen_value": with_synth,
+                         "ratio": with_synth / base, "note": f"overhead {100 * (1 - with_synth / base):.0f}%"}]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", type=Path, default=REPO / "checkpoints" / "synthgen-small-cmu")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    r = run(**vars(args))
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; {args.workers} loader workers, "
           f"batch {args.batch_size}, small CNN classifier, 64 px tiles")
-    print(f"real only:                    {base:8.1f} samples/s")
-    print(f"with SynthAugment ({share:.0%} synthetic, 8 steps): {with_synth:8.1f} samples/s")
-    print(f"ratio with / without: {with_synth / base:.3f} (overhead {100 * (1 - with_synth / base):.0f}%)")
+    print(f"real only:                    {r['real_samples_per_s']:8.1f} samples/s")
+    print(f"with SynthAugment ({r['share']:.0%} synthetic, 8 steps): {r['augmented_samples_per_s']:8.1f} samples/s")
+    print(f"ratio with / without: {r['ratio']:.3f} (overhead {100 * (1 - r['ratio']):.0f}%)")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ in one run, on the same real condition embeddings.
 
     python benchmarks/sampling.py --pipeline runs/pipeline --cache runs/cache_small \\
         --holdout runs/data/cmu_holdout.csv
+    python benchmarks/sampling.py     # default small pipeline, embeddings and held-out tiles of the bundled slide
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,16 +34,28 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pipeline", type=Path, required=True)
-    ap.add_argument("--cache", type=Path, required=True, help="feature cache: real condition embeddings")
-    ap.add_argument("--holdout", type=Path, required=True, help="tile table of held-out real tiles (for FD)")
-    ap.add_argument("--n", type=int, default=64, help="images per setting")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--guidance", type=float, default=2.0)
-    args = ap.parse_args()
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PIPELINE = REPO / "checkpoints" / "synthgen-small-cmu"
 
+
+def run(pipeline: Path = DEFAULT_PIPELINE, cache: Path | None = None, holdout: Path | None = None, n: int = 64,
+        batch_size: int = 32, guidance: float = 2.0) -> dict:
+    """Measure the five settings; returns images/s and FD of each, the ratios and ``summary`` rows.
+
+    Without ``cache`` the condition embeddings are the pipeline's image-encoder embeddings of
+    training tiles of the bundled slide; without ``holdout`` its held-out third is used."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if cache is None or holdout is None:
+            from _data import cmu_split
+
+            train_tiles, split_holdout = cmu_split(Path(tmp))
+            holdout = holdout or split_holdout
+        return _run(argparse.Namespace(pipeline=Path(pipeline), cache=cache, holdout=Path(holdout), n=n,
+                                       batch_size=batch_size, guidance=guidance),
+                    None if cache is not None else train_tiles)
+
+
+def _run(args, train_tiles) -> dict:
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
     from synthgen.data.cache import CacheDataset
@@ -51,10 +65,16 @@ def main() -> None:
     torch.manual_seed(0)
     pipe = SynthPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    cache = CacheDataset(args.cache)
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(cache), (args.n,), generator=g).tolist()
-    emb = torch.stack([cache[i]["emb"] for i in idx]).float()
+    if train_tiles is None:
+        cache = CacheDataset(args.cache)
+        idx = torch.randint(0, len(cache), (args.n,), generator=g).tolist()
+        emb = torch.stack([cache[i]["emb"] for i in idx]).float()
+    else:
+        tiles = PatchDataset(train_tiles)
+        idx = torch.randint(0, len(tiles), (args.n,), generator=g).tolist()
+        with torch.no_grad():
+            emb = pipe.image_encoder(torch.stack([tiles[i]["image"] for i in idx])).float()
     size = pipe.image_size
 
     stock = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, transformer=pipe.transformer, vae=pipe.vae,
@@ -110,19 +130,45 @@ def main() -> None:
           (("stock 20", stock20), ("synthgen 20", ours20), ("synthgen 8", ours8), ("interval 20", oursi),
            ("interval 8", ours8i))}
 
+    ips = {"stock 20": ips_stock, "synthgen 20": ips_ours20, "synthgen 8": ips_ours8, "interval 20": ips_oursi,
+           "interval 8": ips_ours8i}
+    rows = [(f"images/s, {label}", name) for label, name in (
+        ("20 steps, equal settings", "synthgen 20"), ("guidance interval, 20 steps", "interval 20"),
+        ("8 steps vs stock 20", "synthgen 8"), ("8 steps + guidance interval vs stock 20", "interval 8"))]
+    return {"params_m": sum(p.numel() for p in pipe.transformer.parameters()) / 1e6, "size": size,
+            "n": args.n, "batch_size": args.batch_size, "guidance": args.guidance, "holdout_tiles": len(real),
+            "images_per_s": ips, "fd": fd,
+            "summary": [{"measure": label, "reference": "stock PixArtSigmaPipeline, 20 steps",
+                         "reference_value": ips_stock, "synthgen_value": ips[name], "ratio": ips[name] / ips_stock,
+                         "note": f"FD to held-out real {fd[name]:.2f} (stock {fd['stock 20']:.2f})"}
+                        for label, name in rows]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", type=Path, default=DEFAULT_PIPELINE)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="feature cache: real condition embeddings (default: encode training tiles of the bundled slide)")
+    ap.add_argument("--holdout", type=Path, default=None,
+                    help="tile table of held-out real tiles, for FD (default: right third of the bundled slide)")
+    ap.add_argument("--n", type=int, default=64, help="images per setting")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    args = ap.parse_args()
+    r = run(**vars(args))
+    ips, fd = r["images_per_s"], r["fd"]
+
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model: {sum(p.numel() for p in pipe.transformer.parameters()) / 1e6:.1f} M-parameter denoiser, "
-          f"{size} px images, DPM-Solver++ 2M, guidance {args.guidance}, {args.n} images, batch {args.batch_size}")
-    print(f"stock PixArtSigmaPipeline, 20 steps: {ips_stock:7.2f} images/s   FD to held-out real {fd['stock 20']:.3f}")
-    print(f"synthgen SynthPipeline,    20 steps: {ips_ours20:7.2f} images/s   FD {fd['synthgen 20']:.3f}")
-    print(f"synthgen SynthPipeline,     8 steps: {ips_ours8:7.2f} images/s   FD {fd['synthgen 8']:.3f}")
-    print(f"synthgen, guidance interval [0.2, 0.8], 20 steps: {ips_oursi:7.2f} images/s   FD {fd['interval 20']:.3f}")
-    print(f"synthgen, guidance interval [0.2, 0.8],  8 steps: {ips_ours8i:7.2f} images/s   FD {fd['interval 8']:.3f}")
-    print(f"ratio at equal settings (20 vs 20): {ips_ours20 / ips_stock:.2f}x")
-    print(f"ratio with guidance interval (20 vs 20): {ips_oursi / ips_stock:.2f}x")
-    print(f"ratio with guidance interval, 8 steps / stock 20 steps: {ips_ours8i / ips_stock:.2f}x")
-    print(f"ratio synthgen 8 steps / stock 20 steps: {ips_ours8 / ips_stock:.2f}x "
-          f"(FD {fd['synthgen 8']:.3f} vs {fd['stock 20']:.3f}; held-out real tiles: {len(real)})")
+    print(f"model: {r['params_m']:.1f} M-parameter denoiser, "
+          f"{r['size']} px images, DPM-Solver++ 2M, guidance {args.guidance}, {args.n} images, batch {args.batch_size}")
+    print(f"stock PixArtSigmaPipeline, 20 steps: {ips['stock 20']:7.2f} images/s   FD to held-out real {fd['stock 20']:.3f}")
+    print(f"synthgen SynthPipeline,    20 steps: {ips['synthgen 20']:7.2f} images/s   FD {fd['synthgen 20']:.3f}")
+    print(f"synthgen SynthPipeline,     8 steps: {ips['synthgen 8']:7.2f} images/s   FD {fd['synthgen 8']:.3f}")
+    print(f"synthgen, guidance interval [0.2, 0.8], 20 steps: {ips['interval 20']:7.2f} images/s   FD {fd['interval 20']:.3f}")
+    print(f"synthgen, guidance interval [0.2, 0.8],  8 steps: {ips['interval 8']:7.2f} images/s   FD {fd['interval 8']:.3f}")
+    for row in r["summary"]:
+        print(f"ratio, {row['measure']}: {row['ratio']:.2f}x")
+    print(f"held-out real tiles: {r['holdout_tiles']}")
     print("note: the stock pipeline decodes latents / scaling_factor without the VAE's shift_factor; "
           "synthgen applies both (the FD column shows the effect)")
 

@@ -21,17 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = REPO.parent / "shared" / "data" / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
-    ap.add_argument("--slide-mpp", type=float, default=0.5,
-                    help="level-0 resolution (the TCGA file has none; 0.5 um/px = 20x assumed)")
-    ap.add_argument("--mpp", type=float, default=0.5)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="passes over the tiles for each reader")
-    args = ap.parse_args()
+def run(slide: Path = DEFAULT_SLIDE, slide_mpp: float = 0.5, mpp: float = 0.5, size: int = 256, workers: int = 2,
+        batch_size: int = 32, repeats: int = 3) -> dict:
+    """Measure both readers; returns patches/s of each, their ratio and a ``summary`` row."""
+    args = argparse.Namespace(slide=Path(slide), slide_mpp=slide_mpp, mpp=mpp, size=size, workers=workers,
+                              batch_size=batch_size, repeats=repeats)
 
     import openslide
     import torch
@@ -80,13 +74,33 @@ def main() -> None:
     t0 = time.perf_counter()
     assert ours() == n
     t_ours = time.perf_counter() - t0
+    return {"slide_key": slide_key(args.slide), "tiles": len(tiles), "repeats": args.repeats, "size": args.size,
+            "mpp": args.mpp, "level": level, "exact": exact, "workers": args.workers,
+            "naive_patches_per_s": n / t_naive, "synthgen_patches_per_s": n / t_ours, "ratio": t_naive / t_ours,
+            "summary": [{"measure": f"patches/s, {args.size} px, {args.workers} workers",
+                         "reference": "naive OpenSlide loop", "reference_value": n / t_naive,
+                         "synthgen_value": n / t_ours, "ratio": t_naive / t_ours}]}
 
-    print(f"slide key {slide_key(args.slide)}, {len(tiles)} tissue tiles x {args.repeats} passes, "
-          f"{args.size} px at {args.mpp} um/px (level {level}{', exact' if exact else ', resampled'})")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
+    ap.add_argument("--slide-mpp", type=float, default=0.5,
+                    help="level-0 resolution (the TCGA file has none; 0.5 um/px = 20x assumed)")
+    ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="passes over the tiles for each reader")
+    args = ap.parse_args()
+    r = run(**vars(args))
+
+    print(f"slide key {r['slide_key']}, {r['tiles']} tissue tiles x {args.repeats} passes, "
+          f"{args.size} px at {args.mpp} um/px (level {r['level']}{', exact' if r['exact'] else ', resampled'})")
     print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores")
-    print(f"naive openslide loop (1 process): {n / t_naive:8.1f} patches/s")
-    print(f"synthgen PatchDataset ({args.workers} workers): {n / t_ours:8.1f} patches/s")
-    print(f"ratio synthgen / naive: {t_naive / t_ours:.2f}x")
+    print(f"naive openslide loop (1 process): {r['naive_patches_per_s']:8.1f} patches/s")
+    print(f"synthgen PatchDataset ({args.workers} workers): {r['synthgen_patches_per_s']:8.1f} patches/s")
+    print(f"ratio synthgen / naive: {r['ratio']:.2f}x")
 
 
 if __name__ == "__main__":

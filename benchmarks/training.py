@@ -42,12 +42,9 @@ def forward_flops(model, x, t, emb) -> int:
     return counter.get_total_flops()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1)
-    args = ap.parse_args()
+def run(steps: int = 30, batch_size: int = 32, workers: int = 1) -> dict:
+    """Measure both loops and the MFU; returns images/s of each, their ratio, the MFU and a ``summary`` row."""
+    args = argparse.Namespace(steps=steps, batch_size=batch_size, workers=workers)
 
     from diffusers import DDPMScheduler
     from torch.utils.data import DataLoader
@@ -128,18 +125,35 @@ def main() -> None:
         fl = 3 * forward_flops(model, x, torch.randint(0, 1000, (args.batch_size,)),
                                torch.randn(args.batch_size, 1, 128))
         mfu = fl * ours / args.batch_size / peak
-
-        print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-        print(f"data: {len(dataset)} tiles of 64 px at 1 um/px; small denoiser "
-              f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params), batch {args.batch_size}, fp32")
-        print(f"feature cache build (once): {t_cache:.1f} s")
-        print(f"diffusers-example loop (encode every step): {ref:8.1f} images/s")
-        print(f"synthgen train (cached latents+embeddings): {ours:8.1f} images/s")
-        print(f"ratio synthgen / reference: {ours / ref:.2f}x")
-        print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; denoiser training at "
-              f"{fl * ours / args.batch_size / 1e9:.1f} GFLOP/s = {100 * mfu:.1f}% of peak (MFU)")
+        return {"tiles": len(dataset), "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                "batch_size": args.batch_size, "steps": args.steps, "cache_build_s": t_cache,
+                "reference_images_per_s": ref, "synthgen_images_per_s": ours, "ratio": ours / ref,
+                "matmul_peak_gflops": peak / 1e9, "model_gflops": fl * ours / args.batch_size / 1e9, "mfu": mfu,
+                "summary": [{"measure": f"images/s, small denoiser, batch {args.batch_size}",
+                             "reference": "diffusers-example loop (encode every step)", "reference_value": ref,
+                             "synthgen_value": ours, "ratio": ours / ref,
+                             "note": f"CPU MFU {100 * mfu:.1f}% of measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s"}]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    r = run(**vars(args))
+
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"data: {r['tiles']} tiles of 64 px at 1 um/px; small denoiser "
+          f"({r['params_m']:.1f} M params), batch {args.batch_size}, fp32")
+    print(f"feature cache build (once): {r['cache_build_s']:.1f} s")
+    print(f"diffusers-example loop (encode every step): {r['reference_images_per_s']:8.1f} images/s")
+    print(f"synthgen train (cached latents+embeddings): {r['synthgen_images_per_s']:8.1f} images/s")
+    print(f"ratio synthgen / reference: {r['ratio']:.2f}x")
+    print(f"measured fp32 matmul peak: {r['matmul_peak_gflops']:.1f} GFLOP/s; denoiser training at "
+          f"{r['model_gflops']:.1f} GFLOP/s = {100 * r['mfu']:.1f}% of peak (MFU)")
 
 
 if __name__ == "__main__":

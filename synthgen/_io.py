@@ -1,4 +1,4 @@
-"""Small file helpers shared by the writers: content hashes and atomic text writes."""
+"""Small file helpers shared by the writers: content hashes and atomic writes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary file beside ``path`` and rename it: readers never see half a file."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """:func:`atomic_write_text` for bytes (PNGs and other binary files)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -376,7 +376,30 @@ def assemble(out, denoiser, vae, encoder, prediction, sampler):
 
 @cli.group("eval")
 def eval_group():
-    """Evaluate synthetic data (fidelity now; utility, report and audits to come)."""
+    """Evaluate synthetic data: fidelity, utility, and one combined report."""
+
+
+def _study_options(f):
+    """Options of the utility study, shared by `eval utility` and `eval report`."""
+    for opt in reversed([
+        click.option("--mode", type=click.Choice(["variation", "class"]), default="variation", show_default=True,
+                     help="variation: condition on embeddings of real training images; class: class-conditional model."),
+        click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Repeats with different seeds."),
+        click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True),
+        click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Sampling steps."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _load_encoder(spec: str):
+    from synthgen.encoders.load import load_encoder
+
+    try:
+        return load_encoder(spec)
+    except SynthgenError as e:
+        raise click.BadParameter(str(e), param_hint="--encoder") from e
 
 
 @eval_group.command("fidelity")
@@ -398,13 +421,9 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, json_out):
     """
     import json
 
-    from synthgen.encoders.load import load_encoder
     from synthgen.metrics.fidelity import extract_features, fidelity_report
 
-    try:
-        encoder = load_encoder(encoder_spec)
-    except SynthgenError as e:
-        raise click.BadParameter(str(e), param_hint="--encoder") from e
+    encoder = _load_encoder(encoder_spec)
     fr, lr = extract_features(encoder, _image_set(real, size))
     fs, ls = extract_features(encoder, _image_set(synth, size))
     report = fidelity_report(fr, fs, lr, ls, k=k, n_bootstrap=n_bootstrap)
@@ -426,12 +445,8 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, json_out):
 @click.argument("test_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="SynthPipeline folder generating the synthetic samples.")
-@click.option("--mode", type=click.Choice(["variation", "class"]), default="variation", show_default=True,
-              help="variation: condition on embeddings of real training images; class: class-conditional model.")
 @click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Image size for the classifier.")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Repeats with different seeds.")
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Sampling steps.")
+@_study_options
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
 def eval_utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps, json_out):
     """Train-on-synthetic utility: a small classifier trained on real, real + classical augmentation,
@@ -441,6 +456,20 @@ def eval_utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps
     """
     import json
 
+    rep = _utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps)
+    click.echo(f"rare class: {rep['classes'][rep['rare_class']]}; train counts "
+               + ", ".join(f"{rep['classes'][c]} {n}" for c, n in rep["train_counts"].items()))
+    for arm, r in rep["arms"].items():
+        ba, rr = r["balanced_accuracy"], r["rare_class_recall"]
+        click.echo(f"{arm:15s} balanced accuracy {ba['mean']:.3f} [{ba['ci95'][0]:.3f}, {ba['ci95'][1]:.3f}]   "
+                   f"rare-class recall {rr['mean']:.3f} [{rr['ci95'][0]:.3f}, {rr['ci95'][1]:.3f}]")
+    if json_out:
+        json_out.write_text(json.dumps(rep, indent=1))
+
+
+def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: int, seeds: int, epochs: int,
+             steps: int) -> dict:
+    """The utility study on two ImageFolder layouts; the result carries the class names."""
     from synthgen.augment import PipelineGenerator
     from synthgen.data.datasets import ImageListDataset
     from synthgen.metrics.utility import utility_study
@@ -451,14 +480,70 @@ def eval_utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps
         raise click.UsageError("TRAIN_DIR and TEST_DIR need the same class sub-folders")
     gen = PipelineGenerator(str(pipeline), mode=mode, num_inference_steps=steps)
     rep = utility_study(train, test, train.labels, gen, seeds=tuple(range(seeds)), epochs=epochs)
-    click.echo(f"rare class: {train.classes[rep['rare_class']]}; train counts "
-               + ", ".join(f"{train.classes[c]} {n}" for c, n in rep["train_counts"].items()))
-    for arm, r in rep["arms"].items():
-        ba, rr = r["balanced_accuracy"], r["rare_class_recall"]
-        click.echo(f"{arm:15s} balanced accuracy {ba['mean']:.3f} [{ba['ci95'][0]:.3f}, {ba['ci95'][1]:.3f}]   "
-                   f"rare-class recall {rr['mean']:.3f} [{rr['ci95'][0]:.3f}, {rr['ci95'][1]:.3f}]")
-    if json_out:
-        json_out.write_text(json.dumps(rep, indent=1))
+    return {"classes": train.classes, **rep}
+
+
+@eval_group.command("report")
+@click.argument("real", type=click.Path(exists=True, path_type=Path))
+@click.argument("synth", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Report folder: report.md, report.json, PNG plots and a sample grid.")
+@click.option("-e", "--encoder", "encoder_spec", default=None, metavar="SPEC",
+              help="Feature extractor for fidelity and the privacy audit (both skipped without it): " + SPEC_HELP)
+@click.option("--size", type=click.IntRange(min=8), default=None, help="Resize images to this square size first.")
+@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True, help="Neighbours for precision/recall.")
+@click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Bootstrap resamples for the FD confidence interval.")
+@click.option("--audit-against", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Training data of the generating model (tile table or image folder): run the memorisation audit.")
+@click.option("--audit-threshold", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
+              help="Flag items nearer to a training item than this fraction of the median real-to-real distance.")
+@click.option("--utility-train", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Utility study: real training images (ImageFolder layout); with --utility-test and --pipeline.")
+@click.option("--utility-test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Utility study: held-out real test images (same class sub-folders).")
+@click.option("--pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Utility study: SynthPipeline folder generating the synthetic samples.")
+@click.option("--utility-size", type=click.IntRange(min=8), default=64, show_default=True,
+              help="Utility study: image size for the classifier.")
+@_study_options
+@click.option("--utility-json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use a saved `synthgen eval utility --json` result instead of running the study.")
+@click.option("--masks", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Mask-adherence results to include (`synthgen eval masks --json`, or any JSON of numbers).")
+@click.option("--stain", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Stain-translation scores (JSON of numbers, any nesting) to include.")
+def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_against, audit_threshold, utility_train,
+                utility_test, pipeline, utility_size, mode, seeds, epochs, steps, utility_json, masks, stain):
+    """One report on SYNTH against REAL: fidelity, utility, privacy audit, mask adherence and stain
+    scores, as OUT/report.md with PNG plots and a real-vs-synthetic sample grid.
+
+    REAL and SYNTH are read as in `eval fidelity`. Sections whose inputs are not given are
+    skipped, and the report says which and why.
+    """
+    from synthgen.metrics.report import write_report
+
+    study = {"--utility-train": utility_train, "--utility-test": utility_test, "--pipeline": pipeline}
+    given = [name for name, v in study.items() if v is not None]
+    if given and len(given) < 3:
+        raise click.UsageError(f"{', '.join(given)} need(s) {', '.join(n for n in study if n not in given)} too")
+    if given and utility_json:
+        raise click.UsageError("give either the utility study options or --utility-json, not both")
+    if audit_against is not None and not encoder_spec:
+        raise click.UsageError("--audit-against needs --encoder")
+    encoder = _load_encoder(encoder_spec) if encoder_spec else None
+    real_ds, synth_ds = _image_set(real, size), _image_set(synth, size)
+    audit_ds = None
+    if audit_against is not None:
+        audit_ds = real_ds if audit_against == real else _image_set(audit_against, size)
+    utility = _utility(utility_train, utility_test, pipeline, mode, utility_size, seeds, epochs, steps) if given \
+        else utility_json
+    rep = write_report(out, real_ds, synth_ds, encoder, utility=utility, audit_train=audit_ds,
+                       audit_threshold=audit_threshold, masks=masks, stain=stain, k=k, n_bootstrap=n_bootstrap,
+                       sources={"real": str(real), "synthetic": str(synth), "encoder": encoder_spec})
+    for name, reason in rep["skipped"].items():
+        click.echo(f"skipped {name}: {reason}")
+    click.echo(f"report ({', '.join(rep['sections']) or 'samples only'}) -> {out / 'report.md'}")
 
 
 def _image_set(folder: Path, size: int | None):

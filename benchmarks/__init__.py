@@ -1,0 +1,1 @@
+"""Benchmarks of synthgen against stock references (see run_all.py)."""

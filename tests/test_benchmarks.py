@@ -1,0 +1,54 @@
+"""The benchmark runner's table and BENCHMARKS.md section, on a real (small) benchmark result."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import run_all  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vae_run(data_dir):
+    """The VAE-reconstruction benchmark on 8 held-out tiles, in its own process as the runner does."""
+    r = run_all.run_benchmark("vae_reconstruction", quick=True, limit=8)
+    assert r["error"] is None, r["error"]
+    return r
+
+
+def test_runner_result_has_ratios_and_peak_memory(vae_run):
+    res = vae_run["result"]
+    assert res["tiles"] == 8 and [row["measure"].split(",")[0] for row in res["summary"]] == [
+        "reconstruction PSNR (dB)", "reconstruction SSIM"]
+    for row in res["summary"]:
+        assert row["ratio"] == pytest.approx(row["synthgen_value"] / row["reference_value"])
+        assert row["ratio"] > 1  # the trained VAE beats bicubic down/up-sampling
+    assert vae_run["peak_rss_mb"] > 50 and vae_run["seconds"] > 0
+
+
+def test_summary_table_and_section_added_first(vae_run, tmp_path):
+    failed = {"name": "sampling", "result": None, "error": "Traceback ...\nRuntimeError: no pipeline", "seconds": 1.0,
+              "peak_rss_mb": 300.0, "children_peak_rss_mb": 0.0}
+    table = run_all.summary_table([vae_run, failed])
+    lines = table.splitlines()
+    assert lines[0].startswith("| benchmark | measure |") and len(lines) == 2 + 2 + 1
+    assert lines[2].startswith("| vae_reconstruction | reconstruction PSNR") and "x** |" in lines[2]
+    assert lines[3].startswith("|  | reconstruction SSIM")
+    assert "FAILED: RuntimeError: no pipeline" in lines[4]
+
+    m = run_all.machine()
+    assert m["cores"] >= 1 and m["torch"] and m["cpu"]
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text("# Benchmarks\n\nIntro.\n\n## Older entry, 2026-01-01\n\nold table\n")
+    note = run_all.busy(9.0, 8.0, 2)
+    assert "machine was shared" in note and run_all.busy(0.1, 0.2, 2) == ""
+    run_all.add_section(bench, run_all.section([vae_run], m, "python benchmarks/run_all.py --quick", "2026-11-22",
+                                               True, note))
+    text = bench.read_text()
+    assert text.startswith("# Benchmarks\n\nIntro.\n\n## All benchmarks (`benchmarks/run_all.py`, --quick), 2026-11-22")
+    assert text.index("## All benchmarks") < text.index("## Older entry") and text.endswith("old table\n")
+    assert "Command: `python benchmarks/run_all.py --quick`" in text and f"Machine: {m['cpu']}" in text
+    assert "machine was shared" in text and "| vae_reconstruction |" in text
