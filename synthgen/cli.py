@@ -228,7 +228,7 @@ def _file_digest(path: Path) -> str:
               help="Checkpoint and stop at this step (for time-limited jobs); continue later with --resume latest.")
 @click.option("--print-config", is_flag=True, help="Print the validated config (with defaults) and exit.")
 def train(config, overrides, resume, stop_at, print_config):
-    """Train a model (denoiser, vae, ssl or prior) from a YAML CONFIG.
+    """Train a model (denoiser, controlnet, vae, ssl, prior or translator) from a YAML CONFIG.
 
     Runs on one process, or on many under `accelerate launch` / `torchrun` (DDP; FSDP through an
     accelerate config). Checkpoints go to OUTPUT_DIR/checkpoints every `checkpoint_every` steps;
@@ -262,11 +262,11 @@ def train(config, overrides, resume, stop_at, print_config):
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output folder: images/, records/ and manifest.json. Rerunning the same command resumes.")
 @click.option("-n", "--num-images", type=click.IntRange(min=1), required=True, help="Images to generate.")
-@click.option("--mode", type=click.Choice(["variations", "prior", "interpolation", "class"]), default=None,
+@click.option("--mode", type=click.Choice(["variations", "prior", "interpolation", "class", "mask"]), default=None,
               help="variations: condition on real embeddings (from --cache or --images); prior: sample embeddings "
                    "of --class from --prior; interpolation: mix same-class embeddings from --cache; class: a "
-                   "class-conditional model with no embeddings. [default: variations with --cache/--images, "
-                   "else class]")
+                   "class-conditional model with no embeddings; mask: the --masks alone. [default: variations "
+                   "with --cache/--images, mask with only --masks, else class]")
 @click.option("--cache", "cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Feature cache whose embeddings (and labels) are the real bank for variations/interpolation/filter "
                    "[default with --class or --filter: PIPELINE/bank when it exists].")
@@ -287,8 +287,13 @@ def train(config, overrides, resume, stop_at, print_config):
               help="Override the pipeline's scheduler.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Job seed: image i gets seed*1000000 + i.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Condition masks (label-map PNGs, see `synthgen masks`) for a mask-guided pipeline: image i gets "
+                   "mask i mod M; each mask is saved beside its image (segmentation pairs).")
+@click.option("--controlnet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Mask branch folder to use instead of the pipeline's own controlnet/.")
 def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-             guidance, steps, sampler, seed, batch_size):
+             guidance, steps, sampler, seed, batch_size, masks_dir, controlnet):
     """Generate a synthetic dataset with PIPELINE (a SynthPipeline folder).
 
     Splits across processes under `accelerate launch` / `torchrun` (each writes its own share;
@@ -300,7 +305,7 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
     path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
                         embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
                         use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
-                        batch_size=batch_size)
+                        batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet)
     if path is not None:
         click.echo(f"{num_images} images -> {out} (manifest: {path})")
 
@@ -342,34 +347,42 @@ def large(pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_
 
 @cli.command()
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Pipeline folder to write.")
-@click.option("--denoiser", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Trained denoiser folder (OUTPUT_DIR/model of `synthgen train`, or a hub-layout folder).")
-@click.option("--vae", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="VAE folder (AutoencoderKL layout).")
+@click.option("--denoiser", required=True, metavar="DIR|HUB_ID",
+              help="Trained denoiser: OUTPUT_DIR/model of `synthgen train`, a folder or hub id in pipeline layout "
+                   "(its transformer/ is used, e.g. StonyBrook-CVLab/PixCell-256), or a bare model folder.")
+@click.option("--vae", required=True, metavar="DIR|HUB_ID",
+              help="VAE: an AutoencoderKL folder, or a folder / hub id in pipeline layout (its vae/ is used, "
+                   "e.g. stabilityai/stable-diffusion-3.5-large).")
 @click.option("--encoder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Image encoder folder (synthgen SSL encoder) used for reference images and the class filter.")
 @click.option("--prediction", type=click.Choice(["epsilon", "v_prediction", "flow"]), default=None,
               help="What the denoiser predicts [default: read from the training run's config.json beside --denoiser].")
 @click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default="dpm++", show_default=True)
-def assemble(out, denoiser, vae, encoder, prediction, sampler):
-    """Put a trained denoiser, its VAE and image encoder into one SynthPipeline folder."""
+@click.option("--controlnet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Trained mask branch (OUTPUT_DIR/model of a `task: controlnet` run) for mask-guided generation.")
+def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet):
+    """Put a trained denoiser, its VAE, image encoder and mask branch into one SynthPipeline folder."""
     import json
 
     from synthgen.encoders.ssl import SSLEncoder
+    from synthgen.models.controlnet import MaskControlNet
     from synthgen.models.denoiser import Denoiser
+    from synthgen.models.loading import component_subfolder
     from synthgen.models.vae import StrictAutoencoderKL
     from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.sampling import make_scheduler
 
-    run_cfg = denoiser.parent / "config.json"
+    run_cfg = Path(denoiser).parent / "config.json"
     objective = json.loads(run_cfg.read_text()).get("objective", {}) if run_cfg.exists() else {}
     prediction = prediction or objective.get("kind")
     if prediction is None:
-        raise click.UsageError(f"no training config at {run_cfg}: pass --prediction")
+        raise click.UsageError(f"no training config at {run_cfg}: pass --prediction (PixCell: epsilon)")
     scheduler = make_scheduler(prediction, sampler, objective.get("num_train_timesteps", 1000),
                                objective.get("beta_schedule", "linear"))
-    pipe = SynthPipeline(Denoiser.from_pretrained(denoiser), StrictAutoencoderKL.from_pretrained(vae), scheduler,
-                         image_encoder=SSLEncoder.from_pretrained(encoder) if encoder else None)
+    pipe = SynthPipeline(Denoiser.from_pretrained(denoiser, subfolder=component_subfolder(denoiser, "transformer")),
+                         StrictAutoencoderKL.from_pretrained(vae, subfolder=component_subfolder(vae, "vae")), scheduler,
+                         image_encoder=SSLEncoder.from_pretrained(encoder) if encoder else None,
+                         controlnet=MaskControlNet.from_pretrained(controlnet) if controlnet else None)
     pipe.save_pretrained(out)
     click.echo(f"pipeline ({prediction}, {sampler}) -> {out}")
 
@@ -661,6 +674,19 @@ def run_recipe(recipe, dry_run, overrides):
             click.echo(f"{name:9s} {action:4s}  ({h})")
         return
     click.echo(f"recipe {r.name!r} done -> {r.output_dir}")
+
+
+def _register_groups() -> None:
+    from synthgen.cli_masks import eval_masks, masks_group
+    from synthgen.cli_stain import eval_stain, stain
+
+    cli.add_command(masks_group)
+    cli.add_command(stain)
+    eval_group.add_command(eval_masks)
+    eval_group.add_command(eval_stain)
+
+
+_register_groups()
 
 
 def main(argv: list[str] | None = None) -> None:

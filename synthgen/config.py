@@ -144,6 +144,7 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)
     pretrained: str | None = None  # a saved model folder to fine-tune or continue from
     sample_size: int | None = None  # denoiser: continue at another latent size (progressive resolution)
+    freeze_encoder: bool = False  # vae: fine-tune the decoder only, keeping the latent space denoisers know
 
 
 @dataclass(frozen=True)

@@ -25,3 +25,11 @@ class CacheError(SynthgenError):
 
 class CheckpointError(SynthgenError):
     """A checkpoint does not match the model it is loaded into (names the keys)."""
+
+
+class StainError(SynthgenError):
+    """Paired stain data is unusable: unknown stain name, unpaired or empty folders, size mismatch."""
+
+
+class RegistrationError(SynthgenError):
+    """Two sections cannot be registered (too few or degenerate landmarks, no tissue to align)."""

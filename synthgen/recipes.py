@@ -22,7 +22,7 @@ from synthgen import __version__
 from synthgen._io import atomic_write_text
 from synthgen.config import ConfigError, load_yaml, merge, to_dict
 
-STEPS = ("tile", "cache", "train", "generate", "rare", "paired", "export", "evaluate")
+STEPS = ("tile", "cache", "train", "generate", "rare", "paired", "stain", "export", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,21 @@ class PairedStep:
 
 
 @dataclass(frozen=True)
+class StainStep:
+    """Virtual IHC of source tiles into ``stain/`` (and scores against real IHC tiles, if given)."""
+
+    to: str  # target stain (ki67, ...): the pipeline needs stains/<to>/
+    pipeline: str = "checkpoints/synthgen-small-cmu"
+    source: str | None = None  # a folder of tiles; default: the tile step's tiles
+    real: str | None = None  # real target-stain tiles with the source's file names: scored (stain.json)
+    n: int = 32  # tiles taken from the tile step
+    structure: bool = False  # keep the source's nuclei in place (mask branch)
+    guidance: float = 2.0
+    steps: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ExportStep:
     source: Literal["generate", "rare", "paired"] = "generate"  # which step's images to export
     format: Literal["imagefolder", "webdataset", "hf"] = "imagefolder"
@@ -109,6 +124,7 @@ class Recipe:
     generate: GenerateStep | None = None
     rare: GenerateStep | None = None  # one class (label) from the pipeline's bank/prior, into rare/
     paired: PairedStep | None = None
+    stain: StainStep | None = None
     export: ExportStep | None = None
     evaluate: EvaluateStep | None = None
 
@@ -125,6 +141,8 @@ class Recipe:
             raise ConfigError("evaluate: needs a tile step and a generate or paired step (real vs synthetic)")
         if self.paired and self.paired.masks == "nuclei" and not self.tile:
             raise ConfigError("paired.masks: 'nuclei' pseudo-labels the tiles of a tile step (or give a folder)")
+        if self.stain and not (self.stain.source or self.tile):
+            raise ConfigError("stain.source: give a folder of tiles, or add a tile step")
         if self.rare and self.rare.label is None:
             raise ConfigError("rare.label: required (a class id or name of the pipeline's bank/prior)")
         if self.generate and self.generate.mode in ("variations", "interpolation") and not self.cache:
@@ -318,6 +336,38 @@ class _Steps:
             write_label_map(folder / f"{k:06d}.png", m)
         return folder
 
+    def stain(self):
+        import numpy as np
+        from PIL import Image
+
+        from synthgen.pipelines.stain import load_stain, virtual_stain
+
+        s = self.r.stain
+        pipe, translator = load_stain(s.pipeline, s.to)
+        if s.source:
+            files = sorted(p for p in Path(s.source).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".tif"))
+            names = [str(f.relative_to(s.source).with_suffix(".png")) for f in files]
+            tiles = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        else:
+            from synthgen.data.datasets import PatchDataset
+
+            ds = PatchDataset(self.out / "tile" / "tiles.csv")
+            idx = np.random.default_rng(s.seed).permutation(len(ds))[: s.n]
+            names = [f"{int(i):06d}.png" for i in idx]
+            tiles = np.stack([ds[int(i)]["image"].permute(1, 2, 0).numpy() for i in idx])
+        images = virtual_stain(pipe, translator, tiles, s.to, seeds=[s.seed + i for i in range(len(tiles))],
+                               num_inference_steps=s.steps, guidance_scale=s.guidance, structure=s.structure)
+        out = self.out / "stain"
+        for name, src, im in zip(names, tiles, images, strict=True):
+            for sub, arr in (("virtual", im), ("source", src)):
+                (out / sub / name).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(out / sub / name)
+        if s.real:
+            from synthgen.metrics.stain import stain_report
+
+            real = np.stack([np.asarray(Image.open(Path(s.real) / n).convert("RGB")) for n in names])
+            atomic_write_text(out / "stain.json", json.dumps(stain_report(real, images), indent=1))
+
     def export(self):
         from synthgen.cli import _audit
         from synthgen.export.writers import export_dataset
@@ -417,6 +467,11 @@ def _summary(recipe: Recipe, out: Path, report: dict) -> str:
         rate = f"; class filter acceptance {m['acceptance_rate']:.2f}" if "acceptance_rate" in m else ""
         lines.append(f"- rare class {m.get('class_name', m['class'])} ({m['mode']}): {m['num_items']} images in "
                      f"{out / 'rare'}{rate}")
+    stain = out / "stain" / "stain.json"
+    if stain.exists():
+        m = json.loads(stain.read_text())
+        lines.append(f"- virtual {recipe.stain.to}: {m['n']} tiles in {out / 'stain'}; DAB fraction Pearson "
+                     f"{m['dab'].get('pearson', float('nan')):.2f} vs real, SSIM {m['ssim']:.3f}")
     masks = out / "evaluate" / "masks.json"
     if masks.exists():
         m = json.loads(masks.read_text())

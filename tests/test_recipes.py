@@ -13,13 +13,13 @@ QUICK = REPO / "recipes" / "quickstart.yaml"
 def _small(tmp_path, *extra):
     return load_recipe(QUICK, [f"output_dir={tmp_path / 'qs'}", "generate.n=4", "generate.steps=2",
                                "evaluate.bootstrap=5", "tile.overlap=0", "rare.n=2", "rare.steps=2", "paired.n=3",
-                               "paired.steps=2", *extra])
+                               "paired.steps=2", "stain.n=2", "stain.steps=2", *extra])
 
 
 def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the recipe's paths are relative to the repository
     r = _small(tmp_path)
-    assert [a for *_, a in run(r, echo=lambda *_: None)] == ["run"] * 7
+    assert [a for *_, a in run(r, echo=lambda *_: None)] == ["run"] * 8
     out = tmp_path / "qs"
     m = json.loads((out / "export" / "manifest.json").read_text())
     assert m["num_items"] == 4 and m["privacy_audit"]["n_checked"] == 4 and m["recipe_sha256"]
@@ -39,9 +39,10 @@ def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monk
     from synthgen.export.writers import verify_export
 
     assert verify_export(out / "export")["ok"]
-    assert [a for *_, a in plan(r)] == ["skip"] * 7
+    assert [a for *_, a in plan(r)] == ["skip"] * 8
+    assert len(list((out / "stain" / "virtual").glob("*.png"))) == 2  # virtual Ki67 of 2 tiles
     changed = _small(tmp_path, "generate.seed=3")
-    assert [a for *_, a in plan(changed)] == ["skip", "skip", "run", "run", "run", "run", "run"]
+    assert [a for *_, a in plan(changed)] == ["skip", "skip"] + ["run"] * 6
     run(changed, echo=lambda *_: None)
     m2 = json.loads((out / "export" / "manifest.json").read_text())
     assert m2["generator"]["seed"] == 3 and m2["items"][0]["sha256"] != m["items"][0]["sha256"]
@@ -69,7 +70,7 @@ def test_interrupted_generate_resumes_without_duplicates(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.chdir(REPO)
     rows = run(r, echo=lambda *_: None)
-    assert [a for *_, a in rows] == ["skip", "skip", "run", "run", "run", "run", "run"]
+    assert [a for *_, a in rows] == ["skip", "skip"] + ["run"] * 6
     m = json.loads((tmp_path / "qs" / "export" / "manifest.json").read_text())
     assert m["num_items"] == 6 and len({it["seed"] for it in m["items"]}) == 6
 

@@ -114,7 +114,10 @@ def test_stain_pipeline_and_cli(tmp_path, data_dir):
     save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, w.shape[1]),
                "transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(w.shape[0], 2)}, str(lora / "lora_adapter.safetensors"))
     (lora / "lora_config.json").write_text(json.dumps({"rank": 2, "alpha": 1, "target_modules": ["to_q"]}))
+    ihc_vae = VAE.from_preset("tiny").model
+    ihc_vae.save_pretrained(folder / "stains" / "ki67" / "vae")  # a stain's own decoder
     ihc, tr = load_stain(folder, "Ki-67")
+    assert torch.equal(ihc.vae.decoder.conv_out.weight, ihc_vae.decoder.conv_out.weight)
     q = ihc.transformer.transformer_blocks[0].attn1.to_q.weight
     torch.testing.assert_close(q, w + 0.5 * 2)  # alpha / rank * B A, with B A = 2 everywhere
     tiles = np.asarray(Image.open(data_dir / "stains" / "deepliif" / "Lung1.png").convert("RGB"))[:32, 512:544]
@@ -131,3 +134,16 @@ def test_stain_pipeline_and_cli(tmp_path, data_dir):
     run_cli(["stain", str(tmp_path / "he"), "--to", "ki67", "--pipeline", str(folder), "-o", str(tmp_path / "v"),
              "--steps", "2"])
     assert Image.open(tmp_path / "v" / "a.png").size == (32, 32)
+    ihc_tile = np.asarray(Image.open(data_dir / "stains" / "deepliif" / "Lung1.png").convert("RGB"))[:32, :32]
+    (tmp_path / "real").mkdir()
+    Image.fromarray(ihc_tile).save(tmp_path / "real" / "a.png")
+    Image.fromarray(ihc_tile[::-1]).save(tmp_path / "real" / "b.png")
+    with pytest.raises(SystemExit) as e:  # b.png has no virtual tile: refused by name
+        from synthgen.cli import main
+
+        main(["eval", "stain", str(tmp_path / "real"), str(tmp_path / "v")])
+    assert e.value.code == 2
+    (tmp_path / "real" / "b.png").unlink()
+    run_cli(["eval", "stain", str(tmp_path / "real"), str(tmp_path / "v"), "--json", str(tmp_path / "s.json")])
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["n"] == 1 and 0 <= rep["dab"]["real_mean"] <= 1

@@ -11,7 +11,9 @@
 embedding-only mode keeps the tissue's character but not its layout.
 
 A pipeline folder holds its stains as ``stains/<name>/translator`` plus ``stains/<name>/lora``
-(``lora_adapter.safetensors`` + ``lora_config.json``) or ``stains/<name>/transformer``.
+(``lora_adapter.safetensors`` + ``lora_config.json``) or ``stains/<name>/transformer``, and
+optionally ``stains/<name>/vae``: a decoder fine-tuned on that stain over the same (frozen)
+encoder, for a VAE that has only seen H&E colours.
 """
 
 from __future__ import annotations
@@ -85,7 +87,12 @@ def load_stain(pipeline_dir: str | os.PathLike, stain: str):
         transformer = Denoiser.from_pretrained(folder / "transformer")
     else:
         raise StainError(f"{folder}: needs lora/ (an adapter) or transformer/ (a fine-tuned denoiser)")
-    ihc = SynthPipeline(transformer, pipe.vae, pipe.scheduler, image_encoder=pipe.image_encoder,
+    vae = pipe.vae
+    if (folder / "vae").is_dir():
+        from synthgen.models.vae import StrictAutoencoderKL
+
+        vae = StrictAutoencoderKL.from_pretrained(folder / "vae")
+    ihc = SynthPipeline(transformer, vae, pipe.scheduler, image_encoder=pipe.image_encoder,
                         controlnet=pipe.controlnet)
     ihc.set_progress_bar_config(disable=True)
     return ihc, StainTranslator.from_pretrained(folder / "translator")

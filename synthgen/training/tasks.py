@@ -299,7 +299,19 @@ class VAETask(Task):
 
         self.cfg = cfg
         m = cfg.model
-        self.net = VAE.from_pretrained(m.pretrained) if m.pretrained else VAE.from_preset(m.preset, **m.overrides)
+        if m.pretrained:
+            from synthgen.models.loading import component_subfolder
+
+            self.net = VAE.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "vae"))
+        else:
+            self.net = VAE.from_preset(m.preset, **m.overrides)
+        if m.freeze_encoder:  # e.g. a decoder for another stain over the same latents
+            if not m.pretrained:
+                raise ConfigError("model.freeze_encoder: fine-tunes the decoder of a pretrained VAE; set model.pretrained")
+            for name in ("encoder", "quant_conv"):
+                part = getattr(self.net.model, name, None)
+                if part is not None:
+                    part.requires_grad_(False)
 
     def dataset(self) -> Dataset:
         return image_dataset(self.cfg)
@@ -322,7 +334,11 @@ class VAETask(Task):
         return True
 
     def save(self, net, path: Path) -> None:
-        """Calibrate the latent shift/scale on up to 512 training images, then save."""
+        """Calibrate the latent shift/scale on up to 512 training images, then save (a frozen encoder
+        keeps its calibration: the latent space must not move)."""
+        if self.cfg.model.freeze_encoder:
+            net.save_pretrained(path)
+            return
         ds = self.dataset()
         step = max(1, len(ds) // 512)
         images = torch.stack([ds[i]["image"] for i in range(0, len(ds), step)][:512])
