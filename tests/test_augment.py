@@ -1,8 +1,9 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.stats import chisquare
 from torch.utils.data import DataLoader, Dataset
 
 from synthgen.augment import PipelineGenerator, SynthAugment, SynthPolicy
@@ -10,11 +11,11 @@ from synthgen.errors import SynthgenError
 
 
 class Tiles(Dataset):
-    """Real Kather tiles (32 px) with an imbalanced label list: 60 / 12 / 6 items."""
+    """Real Kather tiles (32 px, or ``size``) with an imbalanced label list: 60 / 12 / 6 items."""
 
-    def __init__(self, kather, kind="uint8"):
+    def __init__(self, kather, kind="uint8", size=32):
         classes = sorted(p.name for p in kather.iterdir())[:3]
-        self.images = [np.array(Image.open(next((kather / c).iterdir())).convert("RGB").resize((32, 32)))
+        self.images = [np.array(Image.open(next((kather / c).iterdir())).convert("RGB").resize((size, size)))
                        for c in classes]
         self.labels = [0] * 60 + [1] * 12 + [2] * 6
         self.kind = kind
@@ -42,6 +43,8 @@ def test_policy_balances_towards_the_largest_class():
 
 
 def test_stream_class_frequencies_match_the_policy(kather):
+    from scipy.stats import chisquare
+
     ds = SynthAugment(Tiles(kather), flip_generator, seed=1)
     assert ds.class_counts() == {0: (60, 0), 1: (12, 36), 2: (6, 18)}
     seen_labels, seen_synth = [], []
@@ -117,3 +120,208 @@ def test_real_pipeline_deterministic_across_worker_counts(kather, tiny_pipeline)
         assert torch.equal(ya, yb) and torch.equal(sa, sb) and torch.equal(xa, xb)
     synth = torch.cat([x[s] for x, _, s in a])
     assert len(synth) == 54 and synth.dtype == torch.uint8 and synth.float().std() > 1
+
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
+
+
+def seeded_generator(labels, refs, seeds):
+    """Deterministic stand-in whose output depends on each item's seed (and nothing else of the batch)."""
+    noise = torch.stack([torch.randint(0, 40, refs.shape[1:], generator=torch.Generator().manual_seed(s))
+                         for s in seeds])
+    return (refs.int() + noise).clamp(0, 255).to(torch.uint8)
+
+
+class CountingGenerator:
+    """seeded_generator that counts the images it makes; ``tag`` stands for its sampling settings."""
+
+    def __init__(self, tag="a"):
+        self.tag, self.calls = tag, 0
+
+    def fingerprint(self):
+        return f"counting-{self.tag}"
+
+    def __call__(self, labels, refs, seeds):
+        self.calls += len(seeds)
+        return seeded_generator(labels, refs, seeds)
+
+
+def test_prior_mode_gives_the_requested_classes_at_the_policy_rate(kather):
+    tiles = Tiles(kather, size=64)  # classes 01_TUMOR, 02_STROMA, 03_COMPLEX (ImageFolder names)
+    names = sorted(p.name for p in kather.iterdir())[:3]
+    gen = PipelineGenerator(CKPT, mode="prior", classes=names, num_inference_steps=1)
+    prior_names = ["ADIPOSE", "COMPLEX", "DEBRIS", "EMPTY", "LYMPHO", "MUCOSA", "STROMA", "TUMOR"]
+    assert gen.class_map == {0: prior_names.index("TUMOR"), 1: prior_names.index("STROMA"),
+                             2: prior_names.index("COMPLEX")}
+    assert PipelineGenerator(CKPT, mode="prior", classes={0: "tumor", 2: 1}).class_map == {0: 7, 2: 1}
+
+    ds = SynthAugment(tiles, gen, SynthPolicy({1: 1.0, 2: 2.0}), seed=3)
+    assert ds.class_counts() == {0: (60, 0), 1: (12, 12), 2: (6, 12)}
+    gen._pipeline()  # loads the prior; record the prior classes it is asked for
+    asked, sample = [], gen._prior.sample
+    gen._prior.sample = lambda labels, **kw: (asked.extend(labels), sample(labels, **kw))[1]
+    seen = {0: [0, 0], 1: [0, 0], 2: [0, 0]}  # class -> [real, synthetic]
+    synth = []
+    for images, labels, synthetic in DataLoader(ds, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        for x, y, s in zip(images, labels.tolist(), synthetic.tolist(), strict=True):
+            seen[y][int(s)] += 1
+            if s:
+                synth.append((y, x))
+    assert seen == {0: [60, 0], 1: [12, 12], 2: [6, 12]}
+    assert sorted(asked) == [prior_names.index("COMPLEX")] * 12 + [prior_names.index("STROMA")] * 12
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 64, 64) for _, x in synth)  # the model's 64 px tiles
+    # every item its own prior draw and noise: no two alike (the real items of a class are one tile)
+    stack = torch.stack([x for _, x in synth]).float()
+    assert torch.cdist(stack.flatten(1), stack.flatten(1)).add(torch.eye(len(stack)) * 1e9).min() > 100
+    # item k is the same alone or in another batch (the prior draws per item, from the item's seed)
+    k = len(ds) - 1
+    alone, in_batch = ds[k][0], ds.__getitems__([len(ds) - 5, k])[1][0]
+    assert (alone.int() - in_batch.int()).abs().max() <= 1
+
+    with pytest.raises(SynthgenError, match="matches no class of the prior.*TUMOR"):
+        PipelineGenerator(CKPT, mode="prior", classes=["tumour"])
+    with pytest.raises(SynthgenError, match="prior mode needs classes="):
+        PipelineGenerator(CKPT, mode="prior")
+    with pytest.raises(SynthgenError, match="makes 64x64 images but the dataset's are 32x32"):
+        SynthAugment(Tiles(kather), gen)[len(tiles)]
+    with pytest.raises(SynthgenError, match=r"class\(es\) \[2\] have no class of the prior"):
+        SynthAugment(tiles, PipelineGenerator(CKPT, mode="prior", classes={1: "STROMA"}), SynthPolicy({2: 1.0}))
+
+
+@pytest.fixture(scope="module")
+def cmu_pairs(cmu):
+    """Held-out (right third) 64 px tiles of the CMU slide at 1 um/px with their nuclei pseudo-label masks."""
+    from synthgen.data import Slide
+    from synthgen.data.nuclei import segment_nuclei
+    from synthgen.data.tiling import TileSpec, tile_slide
+
+    with Slide(cmu) as s:
+        tiles = tile_slide(s, TileSpec(mpp=1.0, size=64, min_tissue=0.8, roi=(0.67, 0, 1, 1)), key="cmu")
+        pairs = [(img, segment_nuclei(img)) for img in (s.read(t.x, t.y, 64, 1.0) for t in tiles[:60])]
+    return [(torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(m))
+            for img, m in pairs if m.max() >= 5][:10]
+
+
+class Pairs(Dataset):
+    """(image, label, mask): 6 items of class 0, 4 of class 1."""
+
+    def __init__(self, pairs, as_dict=False):
+        self.pairs, self.as_dict = pairs, as_dict
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        img, m = self.pairs[i]
+        label = int(i >= 6)
+        return {"image": img, "label": label, "mask": m} if self.as_dict else (img, label, m)
+
+
+def test_mask_mode_keeps_the_samples_mask_and_follows_it(cmu_pairs):
+    from synthgen.data.nuclei import segment_nuclei
+    from synthgen.metrics.masks import dice
+
+    assert len(cmu_pairs) == 10
+    gen = PipelineGenerator(CKPT, mode="mask", num_inference_steps=4)
+    ds = SynthAugment(Pairs(cmu_pairs), gen, SynthPolicy({1: 2.0}), seed=5)
+    assert ds.class_counts() == {0: (6, 0), 1: (4, 8)}
+    synth = ds.__getitems__(list(range(10, 18)))
+    own, other = [], []
+    for k, (img, label, mask, synthetic) in enumerate(synth):
+        ref = ds.synthetic[k][1]
+        assert synthetic is True and label == 1 and 6 <= ref < 10
+        assert mask is cmu_pairs[ref][1]  # the sample's own mask, untouched
+        assert img.dtype == torch.uint8 and img.shape == (3, 64, 64) and not torch.equal(img, cmu_pairs[ref][0])
+        pred = segment_nuclei(img.numpy())
+        own.append(dice(pred, mask.numpy()))
+        other.append(dice(pred, cmu_pairs[(ref - 6 + 1) % 4 + 6][1].numpy()))  # another rare item's mask
+    # nuclei where the item's mask says, far more than where another mask says (measured: ~0.4 vs ~0.05)
+    assert np.mean(own) > 0.25 and np.mean(own) > np.mean(other) + 0.15, (own, other)
+    # dict items keep their mask too, and the real items are unchanged
+    dds = SynthAugment(Pairs(cmu_pairs, as_dict=True), gen, SynthPolicy({1: 0.5}), seed=5)
+    item = dds[len(dds) - 1]
+    assert item["synthetic"] is True and item["mask"] is cmu_pairs[dds.synthetic[-1][1]][1]
+    assert dds[0]["synthetic"] is False and dds[0]["image"] is cmu_pairs[0][0]
+
+    with pytest.raises(SynthgenError, match="mask-guided but the dataset returns no masks"):
+        SynthAugment(_NoMasks(cmu_pairs), gen)
+    with pytest.raises(SynthgenError, match="mode='mask'"):
+        SynthAugment(Pairs(cmu_pairs), PipelineGenerator(CKPT, mode="variation"))
+
+
+class _NoMasks(Pairs):
+    def __getitem__(self, i):
+        return super().__getitem__(i)[:2]
+
+
+def test_disk_cache_reuses_items_and_keeps_other_settings_apart(kather, tmp_path):
+    from synthgen.errors import CacheError
+
+    gen = CountingGenerator()
+    ds = SynthAugment(Tiles(kather), gen, seed=1, cache_dir=tmp_path)
+
+    first = {k: ds[k][0] for k in range(78, len(ds))}
+    assert gen.calls == 54
+    again = SynthAugment(Tiles(kather), gen, seed=1, cache_dir=tmp_path)
+    second = {k: again[k][0] for k in range(78, len(again))}
+    assert gen.calls == 54  # all from disk
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    nocache = SynthAugment(Tiles(kather), CountingGenerator(), seed=1)
+    assert all(torch.equal(first[k], nocache[k][0]) for k in first)  # same items as without the cache
+    # a DataLoader with workers reads the same files
+    batches = list(DataLoader(again, batch_size=16, num_workers=2))
+    assert gen.calls == 54 and torch.equal(torch.cat([b[0] for b in batches])[78:], torch.stack(list(first.values())))
+
+    # other settings (generator, seed) go to their own folder and never read these items
+    for other in (SynthAugment(Tiles(kather), CountingGenerator("b"), seed=1, cache_dir=tmp_path),
+                  SynthAugment(Tiles(kather), CountingGenerator(), seed=2, cache_dir=tmp_path)):
+        assert other.cache.dir != ds.cache.dir
+        assert other.pregenerate() == 54 and other.generator.calls == 54 and other.pregenerate() == 0
+    assert len(list(tmp_path.iterdir())) == 3
+    # a folder whose record disagrees with its name is refused
+    (ds.cache.dir / "settings.json").write_text('{"generator": "tampered"}')
+    with pytest.raises(CacheError, match="other settings"):
+        SynthAugment(Tiles(kather), gen, seed=1, cache_dir=tmp_path)
+    # the pipeline generator's key covers its model files and sampling settings
+    a = PipelineGenerator(CKPT, mode="variation", num_inference_steps=8)
+    assert a.fingerprint() == PipelineGenerator(CKPT, mode="variation", num_inference_steps=8).fingerprint()
+    assert a.fingerprint() != PipelineGenerator(CKPT, mode="variation", num_inference_steps=4).fingerprint()
+
+
+def _ddp_rank(rank, kather, cache_dir, out):
+    """One of two gloo processes: fill the shared cache with this rank's share, then read it."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.utils.data.distributed import DistributedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    ds = SynthAugment(Tiles(kather), CountingGenerator(), seed=4, cache_dir=cache_dir)
+    sampler = DistributedSampler(ds, shuffle=True, seed=9)
+    sampler.set_epoch(1)
+    share = list(sampler)
+    made = ds.pregenerate(share)
+    images = torch.cat([x for x, _, _ in DataLoader(ds, batch_size=8, sampler=sampler)])
+    dist.barrier()
+    save_file({"indices": torch.tensor(share), "images": images, "made": torch.tensor([made, ds.generator.calls])},
+              f"{out}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_each_get_their_own_share(kather, tmp_path):
+    """Under DDP each rank's DistributedSampler share holds the items a single process gives for
+    those indices (item k depends on (seed, k) only), each rank generates only its own share, and
+    both fill one cache without clashing."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    # spawn, not fork: a fork of a process whose torch thread pools have run can deadlock
+    mp.start_processes(_ddp_rank, args=(kather, tmp_path / "cache", tmp_path), nprocs=2, start_method="spawn")
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    single = SynthAugment(Tiles(kather), CountingGenerator(), seed=4)
+    shares = [set(r["indices"].tolist()) for r in ranks]
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(len(single)))
+    for r in ranks:
+        assert torch.equal(r["images"], torch.stack([single[k][0] for k in r["indices"].tolist()]))
+        n_synth = int(single.is_synthetic[r["indices"].numpy()].sum())
+        assert r["made"].tolist() == [n_synth, n_synth]  # generated its own synthetic items once, then read them
+    assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == len(single.synthetic)
