@@ -12,6 +12,13 @@ _EXPORTS = {
     "mask_adherence": ".masks",
     "dice": ".masks",
     "match_objects": ".masks",
+    "stain_report": ".stain",
+    "dab_fraction": ".stain",
+    "hematoxylin_fraction": ".stain",
+    "psnr": ".stain",
+    "ssim": ".stain",
+    "correlation": ".stain",
+    "encoder_frechet_distance": ".stain",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
