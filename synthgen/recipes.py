@@ -467,11 +467,14 @@ def _summary(recipe: Recipe, out: Path, report: dict) -> str:
         rate = f"; class filter acceptance {m['acceptance_rate']:.2f}" if "acceptance_rate" in m else ""
         lines.append(f"- rare class {m.get('class_name', m['class'])} ({m['mode']}): {m['num_items']} images in "
                      f"{out / 'rare'}{rate}")
-    stain = out / "stain" / "stain.json"
-    if stain.exists():
-        m = json.loads(stain.read_text())
-        lines.append(f"- virtual {recipe.stain.to}: {m['n']} tiles in {out / 'stain'}; DAB fraction Pearson "
-                     f"{m['dab'].get('pearson', float('nan')):.2f} vs real, SSIM {m['ssim']:.3f}")
+    if recipe.stain and (out / "stain" / "virtual").is_dir():
+        n = len(list((out / "stain" / "virtual").rglob("*.png")))
+        line = f"- virtual {recipe.stain.to}: {n} tiles in {out / 'stain' / 'virtual'} (sources beside them)"
+        if (out / "stain" / "stain.json").exists():
+            m = json.loads((out / "stain" / "stain.json").read_text())
+            line += (f"; DAB fraction Pearson {m['dab'].get('pearson', float('nan')):.2f} vs real, "
+                     f"SSIM {m['ssim']:.3f}")
+        lines.append(line)
     masks = out / "evaluate" / "masks.json"
     if masks.exists():
         m = json.loads(masks.read_text())
