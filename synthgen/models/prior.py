@@ -96,19 +96,20 @@ class EmbeddingPrior(StrictLoadMixin, ModelMixin, ConfigMixin):
         return self.out(h)
 
     def loss(self, emb: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-             drop_prob: float = 0.1) -> torch.Tensor:
-        """Flow-matching loss on real embeddings (B, tokens, dim), with class dropout for guidance."""
+             drop_prob: float = 0.1, **cond) -> torch.Tensor:
+        """Flow-matching loss on real embeddings (B, tokens, dim), with class dropout for guidance;
+        ``cond``: extra inputs of ``forward`` (a subclass's conditions)."""
         x0 = self.normalize(emb)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         t = torch.rand(len(x0), generator=generator).to(x0)
         drop = (torch.rand(len(x0), generator=generator) < drop_prob).to(x0.device)
         labels = torch.where(drop, -1, labels.to(x0.device).long())
         xt = (1 - t[:, None]) * x0 + t[:, None] * noise
-        return F.mse_loss(self(xt, t, labels), noise - x0)
+        return F.mse_loss(self(xt, t, labels, **cond), noise - x0)
 
     @torch.no_grad()
     def sample(self, labels, generator: torch.Generator | None = None, num_steps: int = 50,
-               guidance_scale: float = 1.0) -> torch.Tensor:
+               guidance_scale: float = 1.0, **cond) -> torch.Tensor:
         """Embeddings (B, tokens, dim) for class ``labels`` (B,), by Euler integration from noise."""
         p = next(self.parameters())
         labels = torch.as_tensor(labels, dtype=torch.long, device=p.device).flatten()
@@ -118,9 +119,9 @@ class EmbeddingPrior(StrictLoadMixin, ModelMixin, ConfigMixin):
         ts = torch.linspace(1.0, 0.0, num_steps + 1, device=p.device)
         for i in range(num_steps):
             t = ts[i].expand(len(x))
-            v = self(x, t, labels)
+            v = self(x, t, labels, **cond)
             if guidance_scale != 1.0:
-                v_u = self(x, t, torch.full_like(labels, -1))
+                v_u = self(x, t, torch.full_like(labels, -1), **cond)
                 v = v_u + guidance_scale * (v - v_u)
             x = x + (ts[i + 1] - ts[i]) * v
         return self.denormalize(x)

@@ -11,7 +11,6 @@ guidance, as class dropout does for the prior.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
@@ -81,13 +80,7 @@ class StainTranslator(EmbeddingPrior):
     def loss(self, emb: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, drop_prob: float = 0.1,
              source: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss on paired (source, target) embeddings, with stain dropout."""
-        x0 = self.normalize(emb)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        t = torch.rand(len(x0), generator=generator).to(x0)
-        drop = (torch.rand(len(x0), generator=generator) < drop_prob).to(x0.device)
-        labels = torch.where(drop, -1, labels.to(x0.device).long())
-        xt = (1 - t[:, None]) * x0 + t[:, None] * noise
-        return F.mse_loss(self(xt, t, labels, source.to(x0.device)), noise - x0)
+        return super().loss(emb, labels, generator, drop_prob, source=source)
 
     @torch.no_grad()
     def translate(self, source: torch.Tensor, stains, generator: torch.Generator | None = None,
@@ -101,16 +94,4 @@ class StainTranslator(EmbeddingPrior):
         labels = labels.expand(len(source)) if len(labels) == 1 else labels
         if len(labels) != len(source):
             raise ValueError(f"{len(labels)} stains for {len(source)} source embeddings")
-        x = torch.randn(len(source), self.mean.numel(), generator=generator).to(p.device, torch.float32)
-        ts = torch.linspace(1.0, 0.0, num_steps + 1, device=p.device)
-        for i in range(num_steps):
-            t = ts[i].expand(len(x))
-            v = self(x, t, labels, source)
-            if guidance_scale != 1.0:
-                v_u = self(x, t, torch.full_like(labels, -1), source)
-                v = v_u + guidance_scale * (v - v_u)
-            x = x + (ts[i + 1] - ts[i]) * v
-        return self.denormalize(x)
-
-    def sample(self, *args, **kwargs):
-        raise TypeError("StainTranslator translates embeddings: use translate(source, stains)")
+        return super().sample(labels, generator, num_steps, guidance_scale, source=source)
