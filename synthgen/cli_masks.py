@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+from synthgen.data.slides import IMAGE_SUFFIXES
 
 
 @click.group("masks")
@@ -130,10 +130,10 @@ def masks_augment(source, out, copies, elastic, remove, add, mpp, diameter, seed
     """Variants of the label maps in SOURCE: flips/rotations, elastic warps, removed and added nuclei."""
     import numpy as np
 
-    from synthgen.data.masks import read_label_map, write_label_map
+    from synthgen.data.masks import label_map_files, read_label_map, write_label_map
     from synthgen.data.nuclei import augment_mask
 
-    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff"))
+    files = label_map_files(source)
     if not files:
         raise click.UsageError(f"{source}: no label-map images (.png, .tif)")
     rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.cli_masks import IMAGE_SUFFIXES
+from synthgen.data.slides import IMAGE_SUFFIXES
 from synthgen.errors import SynthgenError
 
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
@@ -79,17 +79,17 @@ def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_m
     from PIL import Image
 
     from synthgen.data.slides import Slide
-    from synthgen.pipelines.large_image import generate_large, window_starts, write_pyramidal_tiff
+    from synthgen.pipelines.large_image import (
+        generate_large,
+        region_embeddings,
+        write_pyramidal_tiff,
+    )
 
-    down = pipe.vae_scale
     win = pipe.image_size
     with Slide(source, mpp=slide_mpp) as s:
-        region = s.read(x, y, size, mpp)
-    starts = window_starts(size // down, win // down, (win // 2) // down)
-    crops = torch.stack([torch.from_numpy(region[sy * down: sy * down + win, sx * down: sx * down + win].copy())
-                         .permute(2, 0, 1) for sy in starts for sx in starts])
-    emb = translator.translate(pipe.encode_images(crops).cpu(), stain, generator=torch.Generator().manual_seed(seed))
-    grid = emb.reshape(len(starts), len(starts), *emb.shape[1:])
+        grid = region_embeddings(pipe, s.read(x, y, size, mpp), win // 2)
+    emb = translator.translate(grid.flatten(0, 1), stain, generator=torch.Generator().manual_seed(seed))
+    grid = emb.reshape(*grid.shape[:2], *emb.shape[1:])
     image = generate_large(pipe, grid, size, overlap=win // 2, seed=seed, guidance_scale=guidance,
                            num_inference_steps=steps)
     out = Path(out)

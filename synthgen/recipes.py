@@ -299,7 +299,7 @@ class _Steps:
         """The folder of condition label maps: pseudo-labels, procedural or the user's (then augmented)."""
         import numpy as np
 
-        from synthgen.data.masks import read_label_map, write_label_map
+        from synthgen.data.masks import label_map_files, read_label_map, write_label_map
         from synthgen.data.nuclei import augment_mask, procedural_nuclei, segment_nuclei
 
         mpp = self.r.tile.mpp if self.r.tile else 1.0
@@ -324,7 +324,7 @@ class _Steps:
         elif s.masks == "procedural":
             masks = [procedural_nuclei(size, s.density, d, seed=rng) for _ in range(s.n)]
         else:
-            files = sorted(p for p in Path(s.masks).rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff"))
+            files = label_map_files(s.masks)
             if not files:
                 raise ConfigError(f"paired.masks: {s.masks} has no label maps (and is not 'nuclei' or 'procedural')")
             masks = [read_label_map(f) for f in files]
@@ -345,7 +345,9 @@ class _Steps:
         s = self.r.stain
         pipe, translator = load_stain(s.pipeline, s.to)
         if s.source:
-            files = sorted(p for p in Path(s.source).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".tif"))
+            from synthgen.data.slides import IMAGE_SUFFIXES
+
+            files = sorted(p for p in Path(s.source).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             names = [str(f.relative_to(s.source).with_suffix(".png")) for f in files]
             tiles = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         else:

@@ -147,3 +147,8 @@ def test_stain_pipeline_and_cli(tmp_path, data_dir):
     run_cli(["eval", "stain", str(tmp_path / "real"), str(tmp_path / "v"), "--json", str(tmp_path / "s.json")])
     rep = json.loads((tmp_path / "s.json").read_text())
     assert rep["n"] == 1 and 0 <= rep["dab"]["real_mean"] <= 1
+    # a slide region, window by window, into a pyramidal TIFF
+    slide = data_dir / "slides" / "CMU-1-Small-Region.svs"
+    run_cli(["stain", str(slide), "--to", "ki67", "--pipeline", str(folder), "-o", str(tmp_path / "r.tif"),
+             "--x", "800", "--y", "1200", "--size", "64", "--steps", "2"])
+    assert Image.open(tmp_path / "r.png").size == (64, 64) and (tmp_path / "r.tif").exists()

@@ -56,6 +56,14 @@ def read_label_map(path: str | os.PathLike, size: tuple[int, int] | None = None)
     return arr.astype(np.int32)
 
 
+LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def label_map_files(folder: str | os.PathLike) -> list[Path]:
+    """The label-map images under ``folder`` (recursively), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in LABEL_MAP_SUFFIXES)
+
+
 def write_label_map(path: str | os.PathLike, mask: np.ndarray) -> None:
     """Atomically write an (H, W) label map as a 16-bit grayscale PNG (8-bit when it fits)."""
     path = Path(path)

@@ -111,7 +111,9 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
 
     mask_files = None
     if masks_dir is not None:
-        mask_files = sorted(p for p in Path(masks_dir).rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff"))
+        from synthgen.data.masks import label_map_files
+
+        mask_files = label_map_files(masks_dir)
         if not mask_files:
             raise SynthgenError(f"{masks_dir}: no label-map images (.png, .tif) for --masks")
         if mode is None and cache_dir is None and images_dir is None:
@@ -187,25 +189,22 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
               mpp, seed, steps, guidance):
     """``synthgen large``: one large image as a pyramidal TIFF (+ PNG preview)."""
     from synthgen.pipelines.generate import SynthPipeline
-    from synthgen.pipelines.large_image import generate_large, window_starts, write_pyramidal_tiff
+    from synthgen.pipelines.large_image import (
+        generate_large,
+        region_embeddings,
+        write_pyramidal_tiff,
+    )
 
     pipe = SynthPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
-    down = pipe.vae_scale
-    win_px = pipe.transformer.config.sample_size * down
-    ov_px = win_px // 2 if overlap is None else overlap
+    ov_px = pipe.image_size // 2 if overlap is None else overlap
     if reference is not None:
         from synthgen.data.slides import Slide
 
         if pipe.image_encoder is None:
             raise SynthgenError("--reference needs a pipeline with an image encoder")
         with Slide(reference, mpp=slide_mpp) as s:
-            region = s.read(x, y, size, mpp)
-        starts = window_starts(size // down, win_px // down, (win_px - ov_px) // down)
-        crops = torch.stack([torch.from_numpy(region[sy * down: sy * down + win_px, sx * down: sx * down + win_px].copy())
-                             .permute(2, 0, 1) for sy in starts for sx in starts])
-        emb = pipe.encode_images(crops).cpu()
-        grid = emb.reshape(len(starts), len(starts), *emb.shape[1:])
+            grid = region_embeddings(pipe, s.read(x, y, size, mpp), ov_px)
     elif cache_dir is not None:
         embs, bank_labels, _ = _bank(cache_dir, embedding_key)
         if label is not None and bank_labels is not None:

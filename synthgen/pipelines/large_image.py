@@ -25,6 +25,17 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [round(i * (size - window) / (n - 1)) for i in range(n)]
 
 
+def region_embeddings(pipe, region: np.ndarray, overlap: int) -> torch.Tensor:
+    """Embedding grid (rows, cols, tokens, dim) of the windows ``generate_large`` denoises over a
+    real ``region`` (H, W, 3) uint8: each window is conditioned on the matching crop."""
+    down, win = pipe.vae_scale, pipe.image_size
+    starts = window_starts(region.shape[0] // down, win // down, (win - overlap) // down)
+    crops = torch.stack([torch.from_numpy(region[sy * down: sy * down + win, sx * down: sx * down + win].copy())
+                         .permute(2, 0, 1) for sy in starts for sx in starts])
+    emb = pipe.encode_images(crops).cpu()
+    return emb.reshape(len(starts), len(starts), *emb.shape[1:])
+
+
 def _weights(window: int, device) -> torch.Tensor:
     """Separable raised-cosine (Hann) weights: near zero at the window border, 1 at its centre,
     so a window's contribution fades out smoothly where its neighbour takes over."""
