@@ -395,8 +395,13 @@ def eval_group():
 def _study_options(f):
     """Options of the utility study, shared by `eval utility` and `eval report`."""
     for opt in reversed([
-        click.option("--mode", type=click.Choice(["variation", "class"]), default="variation", show_default=True,
-                     help="variation: condition on embeddings of real training images; class: class-conditional model."),
+        click.option("--mode", type=click.Choice(["variation", "class", "prior"]), default="variation",
+                     show_default=True,
+                     help="variation: condition on embeddings of real training images; class: class-conditional "
+                          "model; prior: fresh samples of each class from an embedding prior (class sub-folder "
+                          "names matched to the prior's class names, a leading '01_' ignored)."),
+        click.option("--prior", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="--mode prior: the EmbeddingPrior folder (default: the pipeline's prior/)."),
         click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
                      help="Repeats with different seeds."),
         click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True),
@@ -461,7 +466,7 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, json_out):
 @click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Image size for the classifier.")
 @_study_options
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
-def eval_utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps, json_out):
+def eval_utility(train_dir, test_dir, pipeline, mode, prior, size, seeds, epochs, steps, json_out):
     """Train-on-synthetic utility: a small classifier trained on real, real + classical augmentation,
     real + synthgen samples (classes balanced up to 1:3) and synthetic only, tested on TEST_DIR.
 
@@ -469,7 +474,7 @@ def eval_utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps
     """
     import json
 
-    rep = _utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps)
+    rep = _utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps, prior)
     click.echo(f"rare class: {rep['classes'][rep['rare_class']]}; train counts "
                + ", ".join(f"{rep['classes'][c]} {n}" for c, n in rep["train_counts"].items()))
     for arm, r in rep["arms"].items():
@@ -481,8 +486,9 @@ def eval_utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps
 
 
 def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: int, seeds: int, epochs: int,
-             steps: int) -> dict:
-    """The utility study on two ImageFolder layouts; the result carries the class names."""
+             steps: int, prior: Path | None = None) -> dict:
+    """The utility study on two ImageFolder layouts; the result carries the class names and the
+    generator's mode (and prior)."""
     from synthgen.augment import PipelineGenerator
     from synthgen.data.datasets import ImageListDataset
     from synthgen.metrics.utility import utility_study
@@ -491,9 +497,13 @@ def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: i
     test = ImageListDataset.from_folder(test_dir, size=size)
     if train.labels is None or test.labels is None or train.classes != test.classes:
         raise click.UsageError("TRAIN_DIR and TEST_DIR need the same class sub-folders")
-    gen = PipelineGenerator(str(pipeline), mode=mode, num_inference_steps=steps)
+    if prior is not None and mode != "prior":
+        raise click.UsageError("--prior is for --mode prior")
+    kw = {"classes": train.classes, "prior": prior} if mode == "prior" else {}
+    gen = PipelineGenerator(str(pipeline), mode=mode, num_inference_steps=steps, **kw)
     rep = utility_study(train, test, train.labels, gen, seeds=tuple(range(seeds)), epochs=epochs)
-    return {"classes": train.classes, **rep}
+    source = {"mode": mode, **({"prior": str(gen.prior_source)} if mode == "prior" else {})}
+    return {"classes": train.classes, "generator": source, **rep}
 
 
 @eval_group.command("report")
@@ -527,7 +537,7 @@ def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: i
 @click.option("--stain", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Stain-translation scores (JSON of numbers, any nesting) to include.")
 def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_against, audit_threshold, utility_train,
-                utility_test, pipeline, utility_size, mode, seeds, epochs, steps, utility_json, masks, stain):
+                utility_test, pipeline, utility_size, mode, prior, seeds, epochs, steps, utility_json, masks, stain):
     """One report on SYNTH against REAL: fidelity, utility, privacy audit, mask adherence and stain
     scores, as OUT/report.md with PNG plots and a real-vs-synthetic sample grid.
 
@@ -549,7 +559,7 @@ def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_agai
     audit_ds = None
     if audit_against is not None:
         audit_ds = real_ds if audit_against == real else _image_set(audit_against, size)
-    utility = _utility(utility_train, utility_test, pipeline, mode, utility_size, seeds, epochs, steps) if given \
+    utility = _utility(utility_train, utility_test, pipeline, mode, utility_size, seeds, epochs, steps, prior) if given \
         else utility_json
     rep = write_report(out, real_ds, synth_ds, encoder, utility=utility, audit_train=audit_ds,
                        audit_threshold=audit_threshold, masks=masks, stain=stain, k=k, n_bootstrap=n_bootstrap,
@@ -678,10 +688,12 @@ def run_recipe(recipe, dry_run, overrides):
 
 def _register_groups() -> None:
     from synthgen.cli_masks import eval_masks, masks_group
-    from synthgen.cli_stain import eval_stain, stain
+    from synthgen.cli_stain import add_stain, eval_stain, pairs, stain
 
     cli.add_command(masks_group)
     cli.add_command(stain)
+    cli.add_command(pairs)
+    cli.add_command(add_stain)
     eval_group.add_command(eval_masks)
     eval_group.add_command(eval_stain)
 

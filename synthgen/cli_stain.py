@@ -145,3 +145,94 @@ def eval_stain(real, virtual, encoder_spec, json_out):
         from synthgen._io import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(rep, indent=1))
+
+
+def _band(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        x0, x1 = (float(v) for v in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"expected X0:X1 (fractions of the width, e.g. 0.4:0.6), got {value!r}") from None
+    if not 0.0 <= x0 < x1 <= 1.0:
+        raise click.BadParameter(f"need 0 <= X0 < X1 <= 1, got {value!r}")
+    return x0, x1
+
+
+@click.command("pairs")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: trainA/trainB (and testA/testB with --holdout), pix2pix layout.")
+@click.option("--source-landmarks", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Landmark CSV of SOURCE (ANHIR layout); with --target-landmarks the affine fit is used.")
+@click.option("--target-landmarks", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Landmark CSV of TARGET, same points in the same order.")
+@click.option("--deepliif", is_flag=True,
+              help="SOURCE is a DeepLIIF strip (hematoxylin -> Ki67 panels, aligned); no TARGET.")
+@click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Patch side in pixels.")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Training patch stride [default: --size].")
+@click.option("--test-stride", type=click.IntRange(min=1), default=None, help="Test patch stride [default: --size].")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Tissue fraction each patch needs in both stains.")
+@click.option("--holdout", callback=_band, default=None, metavar="X0:X1",
+              help="Vertical band (fractions of the width) kept for testing; training patches never touch it.")
+@click.option("--dihedral", is_flag=True, help="Write the 8 rotations/flips of every training patch.")
+@click.option("--downsample", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Shrink both images by this integer factor (box filter) before cutting, e.g. 4 for "
+                   "DeepLIIF's ~0.25 um/px panels -> ~1 um/px.")
+def pairs(source, target, out, source_landmarks, target_landmarks, deepliif, size, stride, test_stride, min_tissue,
+          holdout, dihedral, downsample):
+    """Cut aligned patch pairs of two stains into pix2pix-style folders (the input of
+    `synthgen cache` for training a virtual stain).
+
+    Consecutive sections (SOURCE = H&E, TARGET = IHC) are registered by landmarks when both CSV
+    files are given, else by intensity; a DeepLIIF strip (--deepliif) is split into its
+    hematoxylin and Ki67 panels. Example (ANHIR rat kidney, H&E -> PanCytokeratin):
+
+    \b
+      synthgen pairs Rat-Kidney_HE.jpg Rat-Kidney_PanCytokeratin.jpg -o runs/panck/pairs \\
+          --source-landmarks Rat-Kidney_HE.csv --target-landmarks Rat-Kidney_PanCytokeratin.csv \\
+          --size 64 --stride 16 --test-stride 32 --holdout 0.4:0.6 --dihedral
+    """
+    from synthgen.data.pair_folders import downsample_pair, write_pair_folders
+    from synthgen.data.pairs import deepliif_pair, register_sections
+
+    if deepliif:
+        if target is not None:
+            raise click.UsageError("--deepliif takes one strip (SOURCE) and no TARGET")
+        pair = deepliif_pair(source)
+    else:
+        if target is None:
+            raise click.UsageError("TARGET is required (the second stain's section), or pass --deepliif")
+        pair = register_sections(source, target, source_landmarks, target_landmarks)
+        reg = pair.registration
+        click.echo(f"registered {target.name} onto {source.name} by {reg.method}"
+                   + (f" (landmark residual {reg.error_px:.1f} px)" if reg.method == "landmarks" else f" (NCC {reg.ncc:.3f})"))
+    info = write_pair_folders([downsample_pair(pair, downsample)], out, size, stride, test_stride, min_tissue, holdout, dihedral)
+    click.echo(f"{info['counts']['train']} training and {info['counts']['test']} test pairs -> {out}")
+
+
+@click.command("add-stain")
+@click.argument("pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--to", "stain", required=True, help="The stain these models make, e.g. panck.")
+@click.option("--translator", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="OUTPUT_DIR/model of a `task: translator` run trained for this stain.")
+@click.option("--lora", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="OUTPUT_DIR/model of a LoRA denoiser run (lora.rank > 0) on this pipeline's denoiser.")
+@click.option("--transformer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A fully fine-tuned IHC denoiser instead of --lora.")
+@click.option("--vae", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="OUTPUT_DIR/model of a decoder fine-tune on this stain (`model.freeze_encoder: true`).")
+@click.option("--overwrite", is_flag=True, help="Replace the stain if the pipeline has it already.")
+def add_stain(pipeline, stain, translator, lora, transformer, vae, overwrite):
+    """Install a trained virtual stain into PIPELINE (as stains/<stain>/), for `synthgen stain`.
+
+    \b
+      synthgen add-stain checkpoints/my-pipeline --to panck --translator runs/panck/translator/model \\
+          --lora runs/panck/denoiser/model --vae runs/panck/vae_decoder/model
+    """
+    from synthgen.pipelines.stain import install_stain
+
+    dest = install_stain(pipeline, stain, translator, lora=lora, transformer=transformer, vae=vae, overwrite=overwrite)
+    click.echo(f"virtual {dest.name} -> {dest}")

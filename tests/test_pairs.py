@@ -302,3 +302,85 @@ def test_unknown_target_stain_and_mismatched_pair_sizes_are_refused(deepliif):
     bad = ImagePair(deepliif[0].source, deepliif[0].target[:100], "bad")
     with pytest.raises(StainError, match="differ in size"):
         PairedStainDataset([bad], target_stain="ki67")
+
+
+# -- pair folders (synthgen pairs) -----------------------------------------------------------------
+def _corner(name: str) -> tuple[int, int]:
+    parts = Path(name).stem.split("_")
+    return int(parts[1]), int(parts[2])
+
+
+def test_pair_folders_keep_the_holdout_band_apart_and_views_aligned(stains, tmp_path):
+    from synthgen.data.pair_folders import write_pair_folders
+    from synthgen.data.pairs import register_sections
+
+    d = stains / "anhir-rat-kidney"
+    pair = register_sections(d / "Rat-Kidney_HE.jpg", d / "Rat-Kidney_PanCytokeratin.jpg",
+                             d / "Rat-Kidney_HE.csv", d / "Rat-Kidney_PanCytokeratin.csv")
+    pair.name = "kidney"
+    info = write_pair_folders([pair], tmp_path, 64, stride=64, test_stride=32, holdout=(0.4, 0.6), dihedral=True)
+    W = pair.source.shape[1]
+    x0, x1 = round(0.4 * W), round(0.6 * W)
+    train = sorted(p.name for p in (tmp_path / "trainA").iterdir())
+    test = sorted(p.name for p in (tmp_path / "testA").iterdir())
+    assert train == sorted(p.name for p in (tmp_path / "trainB").iterdir())
+    assert test == sorted(p.name for p in (tmp_path / "testB").iterdir())
+    assert info["counts"] == {"train": len(train), "test": len(test)} and len(test) > 20 and len(train) > 8 * 20
+    assert len(train) % 8 == 0  # eight dihedral views of each training patch, none of the test ones
+    for n in train:  # training patches never touch the band, test patches lie inside it
+        x, _ = _corner(n)
+        assert x + 64 <= x0 or x >= x1, n
+    for n in test:
+        x, _ = _corner(n)
+        assert x0 <= x and x + 64 <= x1, n
+    # files hold the registered pair at their corner; view k is the same transform of both stains
+    name = test[len(test) // 2]
+    x, y = _corner(name)
+    a = np.asarray(Image.open(tmp_path / "testA" / name))
+    b = np.asarray(Image.open(tmp_path / "testB" / name))
+    np.testing.assert_array_equal(a, pair.source[y : y + 64, x : x + 64])
+    np.testing.assert_array_equal(b, pair.target[y : y + 64, x : x + 64])
+    stem = Path(train[0]).stem.rsplit("_", 1)[0]
+    x, y = _corner(train[0])
+    a0, b0 = pair.source[y : y + 64, x : x + 64], pair.target[y : y + 64, x : x + 64]
+    a5 = np.asarray(Image.open(tmp_path / "trainA" / f"{stem}_5.png"))
+    b5 = np.asarray(Image.open(tmp_path / "trainB" / f"{stem}_5.png"))
+    np.testing.assert_array_equal(a5, np.rot90(a0, 1)[:, ::-1])
+    np.testing.assert_array_equal(b5, np.rot90(b0, 1)[:, ::-1])
+    with pytest.raises(StainError, match="holdout band"):
+        write_pair_folders([pair], tmp_path / "x", 64, holdout=(0.6, 0.4))
+
+
+def test_downsample_pair_is_a_box_mean_and_keeps_validity_strict():
+    from synthgen.data.pair_folders import downsample_pair
+    from synthgen.data.pairs import ImagePair
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (9, 8, 3), dtype=np.uint8)
+    valid = np.ones((9, 8), bool)
+    valid[0, 0] = False
+    p = downsample_pair(ImagePair(src, 255 - src, "p", valid), 2)
+    assert p.source.shape == (4, 4, 3) and p.valid.shape == (4, 4)
+    expect = np.round(src[:8].astype(float).reshape(4, 2, 4, 2, 3).mean((1, 3)))
+    np.testing.assert_array_equal(p.source, expect.astype(np.uint8))
+    assert not p.valid[0, 0] and p.valid[1:, :].all() and p.valid[0, 1:].all()
+
+
+def test_pairs_cli_cuts_a_deepliif_strip_and_refuses_bad_arguments(stains, tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    run_cli(["pairs", str(stains / "deepliif" / "Lung1.png"), "--deepliif", "-o", str(tmp_path / "p"),
+             "--downsample", "4", "--size", "32", "--stride", "16", "--holdout", "0.5:1", "--min-tissue", "0"])
+    info = __import__("json").loads((tmp_path / "p" / "pairs.json").read_text())
+    assert info["pairs"][0]["registration"] == "translation"  # the ~7 px panel offset was measured
+    n_train, n_test = len(list((tmp_path / "p" / "trainA").iterdir())), len(list((tmp_path / "p" / "testB").iterdir()))
+    assert (n_train, n_test) == (info["counts"]["train"], info["counts"]["test"]) and n_train > 0 and n_test > 0
+    assert np.asarray(Image.open(next((tmp_path / "p" / "trainB").iterdir()))).shape == (32, 32, 3)
+    from synthgen.cli import main
+
+    for args, msg in ((["pairs", str(stains / "deepliif" / "Lung1.png"), "-o", str(tmp_path / "q")], "TARGET is required"),
+                      (["pairs", str(stains / "deepliif" / "Lung1.png"), "--deepliif", "-o", str(tmp_path / "q"),
+                        "--holdout", "0.7:0.2"], "0 <= X0 < X1 <= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code != 0 and msg in capsys.readouterr().err

@@ -106,16 +106,36 @@ def test_stain_pipeline_and_cli(tmp_path, data_dir):
                       make_scheduler("epsilon"), image_encoder=SSLEncoder(**encoder_config("tiny")).eval())
     folder = tmp_path / "pipe"
     p.save_pretrained(folder)
-    StainTranslator(dim=32, num_classes=1, width=32, depth=1, class_names=["ki67"]).save_pretrained(
-        folder / "stains" / "ki67" / "translator")
-    lora = folder / "stains" / "ki67" / "lora"
+    runs = tmp_path / "runs"  # the model folders of three training runs, installed with `synthgen add-stain`
+    StainTranslator(dim=32, num_classes=1, width=32, depth=1, class_names=["ki67"]).save_pretrained(runs / "translator")
+    lora = runs / "lora"
     lora.mkdir()
     w = p.transformer.transformer_blocks[0].attn1.to_q.weight
     save_file({"transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, w.shape[1]),
                "transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(w.shape[0], 2)}, str(lora / "lora_adapter.safetensors"))
     (lora / "lora_config.json").write_text(json.dumps({"rank": 2, "alpha": 1, "target_modules": ["to_q"]}))
     ihc_vae = VAE.from_preset("tiny").model
-    ihc_vae.save_pretrained(folder / "stains" / "ki67" / "vae")  # a stain's own decoder
+    ihc_vae.save_pretrained(runs / "vae")  # a stain's own decoder
+    add = ["add-stain", str(folder), "--translator", str(runs / "translator"), "--lora", str(lora), "--vae", str(runs / "vae")]
+    run_cli(add + ["--to", "Ki-67"])
+    assert sorted(q.name for q in (folder / "stains" / "ki67").iterdir()) == ["lora", "translator", "vae"]
+    from synthgen.pipelines.stain import install_stain
+
+    with pytest.raises(StainError, match="exists"):
+        install_stain(folder, "ki67", runs / "translator", lora=lora)
+    with pytest.raises(StainError, match="not trained for 'her2'"):
+        install_stain(folder, "her2", runs / "translator", lora=lora)
+    with pytest.raises(StainError, match="exactly one of lora"):
+        install_stain(folder, "ki67", runs / "translator", overwrite=True)
+    bad = tmp_path / "bad_lora"
+    bad.mkdir()
+    save_file({"nope.lora_A.weight": torch.ones(2, 2), "nope.lora_B.weight": torch.ones(2, 2)},
+              str(bad / "lora_adapter.safetensors"))
+    (bad / "lora_config.json").write_text(json.dumps({"rank": 2, "alpha": 1}))
+    with pytest.raises(StainError, match="does not have"):  # checked before the installed stain is touched
+        install_stain(folder, "ki67", runs / "translator", lora=bad, overwrite=True)
+    assert (folder / "stains" / "ki67" / "lora" / "lora_adapter.safetensors").exists()
+    assert sorted(q.name for q in (folder / "stains").iterdir()) == ["ki67"]  # no temporary folder left
     ihc, tr = load_stain(folder, "Ki-67")
     assert torch.equal(ihc.vae.decoder.conv_out.weight, ihc_vae.decoder.conv_out.weight)
     q = ihc.transformer.transformer_blocks[0].attn1.to_q.weight

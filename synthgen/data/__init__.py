@@ -42,6 +42,7 @@ _EXPORTS = {
     "deepliif_pair": ".pairs",
     "folder_pairs": ".pairs",
     "PairedStainDataset": ".pairs",
+    "write_pair_folders": ".pair_folders",
     "build_cache": ".cache",
     "CacheDataset": ".cache",
 }

@@ -298,7 +298,7 @@ def _as_uint8_tensor(images) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         x = images
     elif isinstance(images, np.ndarray):
-        x = torch.from_numpy(images)
+        x = torch.from_numpy(images if images.flags.writeable else images.copy())  # e.g. np.asarray(PIL image)
         x = x.permute(0, 3, 1, 2) if x.ndim == 4 and x.shape[-1] == 3 else x
     else:
         x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])

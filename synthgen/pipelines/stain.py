@@ -98,6 +98,85 @@ def load_stain(pipeline_dir: str | os.PathLike, stain: str):
     return ihc, StainTranslator.from_pretrained(folder / "translator")
 
 
+def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str | os.PathLike,
+                  lora: str | os.PathLike | None = None, transformer: str | os.PathLike | None = None,
+                  vae: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Add a trained virtual stain to a pipeline folder as ``stains/<stain>/`` (what :func:`load_stain`
+    reads), from the ``model`` folders of its training runs.
+
+    Args:
+        translator: a ``task: translator`` model trained for ``stain``.
+        lora: a ``task: denoiser`` model trained with ``lora.rank > 0`` on the pipeline's denoiser
+            (its ``lora_adapter.safetensors``; rank and alpha from ``lora_config.json`` or the
+            run's ``config.json``), or ``transformer``: a fully fine-tuned denoiser.
+        vae: optional decoder fine-tuned on the stain (``model.freeze_encoder``).
+        overwrite: replace a stain already there.
+
+    Every part is loaded (and the adapter merged into the pipeline's denoiser) before anything is
+    written; the folder appears complete or not at all.
+
+    Raises:
+        StainError: unknown stain, a translator not trained for it, neither or both of
+            ``lora``/``transformer``, a part that does not load, or the stain exists already.
+    """
+    import shutil
+    import tempfile
+
+    from synthgen.data.pairs import resolve_stain
+    from synthgen.models.denoiser import Denoiser
+    from synthgen.models.stain import StainTranslator
+    from synthgen.models.vae import StrictAutoencoderKL
+
+    name = resolve_stain(stain)
+    pipeline_dir = Path(pipeline_dir)
+    dest = pipeline_dir / "stains" / name
+    if dest.exists() and not overwrite:
+        raise StainError(f"{dest} exists: pass overwrite=True (--overwrite) to replace it")
+    if (lora is None) == (transformer is None):
+        raise StainError("give the IHC denoiser as exactly one of lora (an adapter run) or transformer (a fine-tune)")
+    try:
+        tr = StainTranslator.from_pretrained(translator)
+        tr.stain_ids(name)
+    except ValueError as e:
+        raise StainError(f"{translator}: {e}") from e
+    except OSError as e:
+        raise StainError(f"{translator}: not a StainTranslator model folder ({e})") from e
+    (pipeline_dir / "stains").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=pipeline_dir / "stains"))
+    try:
+        shutil.copytree(translator, tmp / "translator", dirs_exist_ok=True)
+        if lora is not None:
+            lora = Path(lora)
+            if not (lora / "lora_adapter.safetensors").is_file():
+                raise StainError(f"{lora}: no lora_adapter.safetensors (train the denoiser with lora.rank > 0)")
+            (tmp / "lora").mkdir()
+            shutil.copy2(lora / "lora_adapter.safetensors", tmp / "lora")
+            if (lora / "lora_config.json").is_file():
+                shutil.copy2(lora / "lora_config.json", tmp / "lora")
+            else:  # older runs: rank and alpha are in the run's training config
+                run = json.loads((lora.parent / "config.json").read_text()).get("lora", {})
+                if not run.get("rank"):
+                    raise StainError(f"{lora}: no lora_config.json and no lora.rank in {lora.parent / 'config.json'}")
+                (tmp / "lora" / "lora_config.json").write_text(json.dumps(
+                    {"rank": run["rank"], "alpha": run.get("alpha") or run["rank"]}))
+            from synthgen.pipelines.generate import SynthPipeline
+
+            merge_lora(SynthPipeline.from_pretrained(pipeline_dir).transformer, tmp / "lora")
+        else:
+            Denoiser.from_pretrained(transformer)
+            shutil.copytree(transformer, tmp / "transformer")
+        if vae is not None:
+            StrictAutoencoderKL.from_pretrained(vae)
+            shutil.copytree(vae, tmp / "vae")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inference_steps: int = 20,
                   guidance_scale: float = 2.0, structure: bool = False, batch_size: int = 32) -> np.ndarray:
     """Virtual ``stain`` tiles (uint8 (B, H, W, 3)) for source tiles ``images`` (uint8 (B, 3, H, W)

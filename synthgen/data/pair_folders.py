@@ -1,0 +1,129 @@
+"""Write aligned stain pairs as pix2pix-style folders (``trainA/trainB/testA/testB``).
+
+Virtual-staining models train from paired feature caches, and caches are built from image folders
+(``synthgen cache DIR``); this module turns an aligned :class:`~synthgen.data.pairs.ImagePair`
+(DeepLIIF panels, sections registered by landmarks or intensity) into such folders. Files of
+the same name in ``...A`` (source stain) and ``...B`` (target stain) are the two stains of one
+place, the layout :func:`synthgen.data.pairs.folder_pairs` reads back.
+
+One section gives both splits through a spatial hold-out: a vertical band ``[x0, x1)`` of the
+image (fractions of its width) is kept for testing, and training patches never overlap it, so
+test patches share no pixel with training patches. Training patches can be multiplied by the
+eight dihedral views (rotations and flips applied to both stains alike).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from synthgen.data.pairs import ImagePair, StainError, patch_grid
+from synthgen._io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["downsample_pair", "write_pair_folders"]
+
+
+def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    out = np.rot90(a, k % 4)
+    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def downsample_pair(pair: ImagePair, factor: int) -> ImagePair:
+    """The pair at ``1/factor`` of its resolution (box filter; a pixel stays valid only when all the
+    pixels it averages were), e.g. DeepLIIF's ~0.25 um/px panels to ~1 um/px with ``factor=4``."""
+    if factor == 1:
+        return pair
+    if factor < 1:
+        raise StainError(f"downsampling factor must be a positive integer, got {factor}")
+    src, tgt = pair.load()
+    h, w = (src.shape[0] // factor) * factor, (src.shape[1] // factor) * factor
+
+    def box(a: np.ndarray) -> np.ndarray:
+        a = a[:h, :w].reshape(h // factor, factor, w // factor, factor, *a.shape[2:])
+        return a.mean((1, 3))
+
+    valid = None if pair.valid is None else box(np.asarray(pair.valid, np.float32)) == 1.0
+    return ImagePair(np.round(box(src.astype(np.float32))).astype(np.uint8),
+                     np.round(box(tgt.astype(np.float32))).astype(np.uint8), pair.name, valid,
+                     pair.registration, pair.origin)
+
+
+def write_pair_folders(pairs: Sequence[ImagePair], out: str | os.PathLike, size: int, stride: int | None = None,
+                       test_stride: int | None = None, min_tissue: float = 0.5,
+                       holdout: tuple[float, float] | None = None, dihedral: bool = False) -> dict:
+    """Cut aligned patch pairs and write them as ``out/{train,test}{A,B}/<name>_<x>_<y>[_v].png``.
+
+    Args:
+        pairs: aligned in-memory pairs (source, target already in one frame).
+        out: output folder (created; existing files of the same names are replaced).
+        size: patch side in pixels.
+        stride: training patch stride (default ``size``); ``test_stride`` for test patches
+            (default ``size``: non-overlapping test patches are closer to independent samples).
+        min_tissue: tissue fraction each patch needs in both stains (see
+            :func:`synthgen.data.pairs.patch_grid`).
+        holdout: ``(x0, x1)`` fractions of the width: patches inside the band go to ``test``,
+            patches that do not touch it to ``train``; None writes ``train`` only.
+        dihedral: write the eight rotations/flips of each training patch (suffix ``_0`` .. ``_7``).
+
+    Returns:
+        counts per split and the settings, also written to ``out/pairs.json``.
+
+    Raises:
+        StainError: a pair is not in memory, a band is not inside [0, 1], or no patch passes.
+    """
+    if holdout is not None:
+        x0, x1 = holdout
+        if not 0.0 <= x0 < x1 <= 1.0:
+            raise StainError(f"holdout band must be two fractions 0 <= x0 < x1 <= 1 of the width, got {holdout}")
+    out = Path(out)
+    dirs = {d: out / d for d in ("trainA", "trainB", "testA", "testB")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    counts = {"train": 0, "test": 0}
+    for pair in pairs:
+        if not (isinstance(pair.source, np.ndarray) and isinstance(pair.target, np.ndarray)):
+            raise StainError(f"{pair.name}: write_pair_folders needs in-memory pairs (register or align them first)")
+        W = pair.source.shape[1]
+        band = None if holdout is None else (int(round(holdout[0] * W)), int(round(holdout[1] * W)))
+        train_valid = test_valid = pair.valid
+        if band is not None:
+            inside = np.zeros(pair.source.shape[:2], bool)
+            inside[:, band[0] : band[1]] = True
+            ok = np.ones_like(inside) if pair.valid is None else np.asarray(pair.valid, bool)
+            train_valid, test_valid = ok & ~inside, ok & inside
+        grids = {"train": patch_grid(pair.source, pair.target, size, stride, min_tissue, train_valid)}
+        if band is not None:
+            grids["test"] = patch_grid(pair.source, pair.target, size, test_stride or size, min_tissue, test_valid)
+        for split, corners in grids.items():
+            for x, y in corners:
+                a = pair.source[y : y + size, x : x + size]
+                b = pair.target[y : y + size, x : x + size]
+                views = range(8) if (dihedral and split == "train") else [None]
+                for v in views:
+                    name = f"{pair.name}_{x}_{y}" + ("" if v is None else f"_{v}") + ".png"
+                    _save_png(a if v is None else _dihedral(a, v), dirs[split + "A"] / name)
+                    _save_png(b if v is None else _dihedral(b, v), dirs[split + "B"] / name)
+                    counts[split] += 1
+    if counts["train"] + counts["test"] == 0:
+        raise StainError(f"no {size} px patch passes min_tissue={min_tissue} "
+                         "(lower it, or check the registration's valid region)")
+    info = {"counts": counts, "size": size, "stride": stride or size, "test_stride": test_stride or size,
+            "min_tissue": min_tissue, "holdout": list(holdout) if holdout else None, "dihedral": dihedral,
+            "pairs": [{"name": p.name, "registration": None if p.registration is None else p.registration.method,
+                       "ncc": None if p.registration is None or math.isnan(p.registration.ncc) else p.registration.ncc,
+                       "error_px": None if p.registration is None or math.isnan(p.registration.error_px)
+                       else p.registration.error_px} for p in pairs]}
+    atomic_write_text(out / "pairs.json", json.dumps(info, indent=1))
+    return info
