@@ -325,3 +325,105 @@ def test_two_gloo_processes_each_get_their_own_share(kather, tmp_path):
         n_synth = int(single.is_synthetic[r["indices"].numpy()].sum())
         assert r["made"].tolist() == [n_synth, n_synth]  # generated its own synthetic items once, then read them
     assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == len(single.synthetic)
+
+
+class LoggingGenerator:
+    """seeded_generator that leaves a file ``<pid>-<seed>`` in ``log`` per image it makes (so a test
+    sees which process generated what, across DataLoader workers and the background process), and
+    takes ``delay`` seconds per image (a slow model); ``fail`` makes it raise instead."""
+
+    def __init__(self, log, delay=0.0, fail=False):
+        self.log, self.delay, self.fail = Path(log), delay, fail
+
+    def fingerprint(self):
+        return "logging"
+
+    def __call__(self, labels, refs, seeds):
+        import os
+        import time
+
+        if self.fail:
+            raise RuntimeError("the model ran out of memory")
+        time.sleep(self.delay * len(seeds))
+        for s in seeds:
+            (self.log / f"{os.getpid()}-{s}").touch()
+        return seeded_generator(labels, refs, seeds)
+
+
+def _made_by(log):
+    """seed -> pids of the processes that generated it."""
+    out = {}
+    for f in log.iterdir():
+        pid, seed = f.name.split("-")
+        out.setdefault(int(seed), []).append(int(pid))
+    return out
+
+
+def test_background_fill_runs_while_a_loader_reads_the_cache(kather, tmp_path):
+    """The background process fills the cache while a 2-worker loader iterates: the workers read
+    what is already there (never regenerating it) and generate only the misses; every item is the
+    one the synchronous path gives for the seed."""
+    import time
+
+    log = tmp_path / "log"
+    log.mkdir()
+    ds = SynthAugment(Tiles(kather), LoggingGenerator(log, delay=0.05), seed=6, cache_dir=tmp_path / "cache")
+    reference = SynthAugment(Tiles(kather), seeded_generator, seed=6)  # no cache, generated in the foreground
+    seeds = [s for _, _, s in ds.synthetic]
+    order = list(range(len(ds)))[::-1]  # synthetic items first, as the loader below asks for them
+    with ds.pregenerate(order, batch_size=4, background=True) as fill:
+        assert fill.keys == list(range(len(ds.synthetic)))[::-1] and fill.running()
+        deadline = time.time() + 120
+        while fill.cached() < 8 and time.time() < deadline:
+            time.sleep(0.05)
+        before = {s for k, s in enumerate(seeds) if ds.cache.path(6, k).exists()}
+        assert len(before) >= 8, "the background process made nothing in 2 minutes"
+        batches = list(DataLoader(ds, batch_size=6, sampler=order[:54], num_workers=2))
+        assert fill.wait(120) is not None
+    made = _made_by(log)
+    images = torch.cat([b[0] for b in batches])
+    assert torch.equal(images, torch.stack([reference[i][0] for i in order[:54]]))
+    assert torch.cat([b[2] for b in batches]).all()
+    assert set(made) == set(seeds) and all(ds.cache.path(6, k).exists() for k in range(len(seeds)))
+    workers = {p for pids in made.values() for p in pids} - {fill.pid}
+    by_background = {s for s, pids in made.items() if fill.pid in pids}
+    assert len(by_background) == fill.made >= len(before)
+    # the workers generated none of the items that were on disk when the loader started
+    assert not any(set(made[s]) & workers for s in before)
+    assert not list(ds.cache.dir.glob(".*tmp*"))  # no half-written files left behind
+
+
+def test_background_fill_matches_synchronous_pipeline_items(kather, tiny_pipeline, tmp_path):
+    gen = PipelineGenerator(tiny_pipeline, mode="variation", num_inference_steps=3)
+    policy = SynthPolicy({1: 0.5, 2: 1.0})  # 12 synthetic items
+    sync = SynthAugment(Tiles(kather), gen, policy, seed=2, cache_dir=tmp_path / "sync")
+    back = SynthAugment(Tiles(kather), gen, policy, seed=2, cache_dir=tmp_path / "back")
+    assert sync.pregenerate(batch_size=8) == 12
+    with back.pregenerate(batch_size=8, background=True) as fill:
+        assert fill.wait(300) == 12 and fill.cached() == 12
+    for k in range(12):
+        assert torch.equal(sync.cache.get(2, k), back.cache.get(2, k)), k
+
+
+def test_background_fill_stops_and_reports_errors(kather, tmp_path):
+    import time
+
+    log = tmp_path / "log"
+    log.mkdir()
+    ds = SynthAugment(Tiles(kather), LoggingGenerator(log, delay=0.2), seed=1, cache_dir=tmp_path / "a")
+    fill = ds.pregenerate(batch_size=2, background=True)
+    deadline = time.time() + 120
+    while fill.cached() < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    made = fill.stop()  # after the batch under way (0.4 s), well before the 54 items (11 s)
+    assert not fill.running() and 2 <= made < 54 and made == fill.cached() == len(list(log.iterdir()))
+
+    bad = SynthAugment(Tiles(kather), LoggingGenerator(log, fail=True), seed=1, cache_dir=tmp_path / "b")
+    with pytest.raises(SynthgenError, match="background=True\\) failed:(.|\n)*ran out of memory"):
+        with bad.pregenerate(background=True) as fill:
+            fill.wait(120)
+    with pytest.raises(SynthgenError, match="must be picklable"):
+        SynthAugment(Tiles(kather), lambda labels, refs, seeds: refs, cache_dir=tmp_path / "c").pregenerate(
+            background=True)
+    with pytest.raises(SynthgenError, match="needs cache_dir"):
+        SynthAugment(Tiles(kather), seeded_generator).pregenerate(background=True)

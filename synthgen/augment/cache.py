@@ -3,7 +3,8 @@
 One safetensors file per synthetic item, named by its (seed, index) key, inside a folder named by
 a hash of the settings that fix the item (generator fingerprint, seed, the synthetic plan): a
 cache made with other settings lives in another folder and is never read. Files are written to a
-temporary name and renamed, so concurrent DataLoader workers or DDP ranks never see half a file.
+temporary name (unique per process and thread) and renamed, so concurrent DataLoader workers,
+DDP ranks or a background fill never see half a file, and two writers of one item never clash.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -62,6 +64,6 @@ class ItemCache:
         from safetensors.torch import save_file
 
         f = self.path(seed, index)
-        tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+        tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # unique per writer
         save_file({"image": image.contiguous()}, tmp)
         os.replace(tmp, f)

@@ -15,7 +15,8 @@ Generation is batched: DataLoader workers fetch a whole batch through ``__getite
 synthetic items of that batch go through the pipeline in one call; with ``num_workers > 0`` and
 the loader's prefetching, generation runs ahead of the training step. The pipeline is loaded
 once per process, lazily. ``cache_dir=`` keeps the generated images on disk for later epochs,
-and :meth:`SynthAugment.pregenerate` fills that cache before training.
+and :meth:`SynthAugment.pregenerate` fills that cache before training, or, with
+``background=True``, in a separate process while training runs.
 """
 
 from __future__ import annotations
@@ -393,18 +394,49 @@ class SynthAugment(Dataset):
                     self.cache.put(self.seed, ks[j], img)
         return images
 
-    def pregenerate(self, indices: Sequence[int] | None = None, batch_size: int = 32) -> int:
+    def pregenerate(self, indices: Sequence[int] | None = None, batch_size: int = 32, background: bool = False):
         """Fill the disk cache ahead of training (e.g. this DDP rank's share, or all synthetic
-        items by default); items already cached are skipped. Returns how many were generated."""
+        items by default), in the order given; items already cached are skipped.
+
+        Args:
+            indices: dataset indices (real ones are ignored); default: every synthetic item.
+            batch_size: items generated per pipeline call.
+            background: generate in a spawned background process instead (see
+                :mod:`synthgen.augment.background`) and return at once, so that training starts
+                while the cache fills: loader workers read the items already there and generate
+                only the missing ones. Give the order the loader will ask for (e.g.
+                ``list(sampler)``) to keep the process ahead of the loop.
+
+        Returns:
+            How many items were generated; with ``background=True``, the running
+            :class:`~synthgen.augment.background.BackgroundFill` (a context manager).
+
+        Raises:
+            SynthgenError: no ``cache_dir``; with ``background=True``, a dataset or generator
+                that does not pickle.
+        """
         if self.cache is None:
             raise SynthgenError("SynthAugment.pregenerate needs cache_dir=")
         n = len(self.labels)
         ks = [int(i) - n for i in (indices if indices is not None else range(n, len(self))) if int(i) >= n]
-        ks = [k for k in ks if not self.cache.path(self.seed, k).exists()]
-        for lo in range(0, len(ks), batch_size):
-            part = ks[lo:lo + batch_size]
-            self._generate(part, [self._raw(self.synthetic[k][1]) for k in part])
-        return len(ks)
+        if background:
+            from synthgen.augment.background import BackgroundFill
+
+            return BackgroundFill(self, ks, batch_size)
+        return self._fill(ks, batch_size)
+
+    def _fill(self, ks: list[int], batch_size: int, stop: Callable[[], bool] | None = None) -> int:
+        """Generate the uncached items of ``ks`` into the cache, ``batch_size`` at a time (re-checking
+        the cache before each batch: another process may have made some); stop early when
+        ``stop()`` is true. Returns how many were generated."""
+        made, todo = 0, [k for k in ks if not self.cache.path(self.seed, k).exists()]
+        while todo and not (stop and stop()):
+            part, todo = todo[:batch_size], todo[batch_size:]
+            part = [k for k in part if not self.cache.path(self.seed, k).exists()]
+            if part:
+                self._generate(part, [self._raw(self.synthetic[k][1]) for k in part])
+                made += len(part)
+        return made
 
     @staticmethod
     def _tag(item, synthetic: bool):
