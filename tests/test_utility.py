@@ -68,3 +68,54 @@ def test_utility_argument_errors(task):
         utility_study(train, test, labels, None, arms=("real", "gan"))
     with pytest.raises(ValueError, match="need a generator"):
         utility_study(train, test, labels, None, arms=("synthgen",))
+
+
+def _kather_split(kather, root, classes, rare):
+    """ImageFolder train/ (tiles 1-2 of each class, tile 1 only of ``rare``) and test/ (tile 3)."""
+    import shutil
+
+    for name in classes:
+        tiles = sorted((kather / name).iterdir())
+        for part, picked in (("train", tiles[:1] if name == rare else tiles[:2]), ("test", tiles[2:3])):
+            (root / part / name).mkdir(parents=True)
+            for f in picked:
+                shutil.copy(f, root / part / name / f.name)
+    return root / "train", root / "test"
+
+
+def test_eval_utility_cli_prior_mode(kather, tmp_path):
+    """`synthgen eval utility --mode prior`: the rare class gets fresh samples from the pipeline's
+    prior (class folders matched by name), and the report names the prior."""
+    import json
+    from pathlib import Path
+
+    from cli_helpers import run_cli
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
+    train, test = _kather_split(kather, tmp_path, ["01_TUMOR", "02_STROMA", "04_LYMPHO"], rare="04_LYMPHO")
+    out = tmp_path / "u.json"
+    run_cli(["eval", "utility", str(train), str(test), "--pipeline", str(ckpt), "--mode", "prior", "--seeds", "1",
+             "--epochs", "2", "--steps", "2", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["generator"] == {"mode": "prior", "prior": str(ckpt / "prior")}
+    assert rep["classes"] == ["01_TUMOR", "02_STROMA", "04_LYMPHO"] and rep["train_counts"] == {"0": 2, "1": 2, "2": 1}
+    assert rep["rare_class"] == 2 and set(rep["arms"]) == {"real", "classical", "synthgen", "synthetic_only"}
+    for arm in rep["arms"].values():
+        assert 0 <= arm["balanced_accuracy"]["mean"] <= 1 and len(arm["per_class_recall"]) == 3
+
+
+def test_eval_utility_prior_errors_are_named(kather, tmp_path, capsys):
+    from pathlib import Path
+
+    from synthgen.cli import main
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
+    train, test = _kather_split(kather, tmp_path, ["01_TUMOR", "02_STROMA"], rare="02_STROMA")
+    for part in (train, test):
+        (part / "09_FOO").mkdir()
+        Image.new("RGB", (64, 64)).save(part / "09_FOO" / "x.png")
+    for args, message in ((["--mode", "prior"], "'09_FOO' matches no class of the prior"),
+                          (["--mode", "variation", "--prior", str(ckpt / "prior")], "--prior is for --mode prior")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "utility", str(train), str(test), "--pipeline", str(ckpt), "--seeds", "1", *args])
+        assert e.value.code != 0 and message in capsys.readouterr().err
