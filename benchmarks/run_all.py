@@ -42,10 +42,17 @@ BENCHMARKS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def _child(name: str, kwargs: dict, conn) -> None:
-    """Run one benchmark in this (fresh) process and send back its result and peak memory."""
+def _child(name: str, kwargs: dict, conn, start_method: str | None = None) -> None:
+    """Run one benchmark in this (fresh) process and send back its result and peak memory.
+
+    ``start_method``: the parent's multiprocessing start method. A process started with
+    ``spawn`` inherits ``spawn`` as its default, so without this a benchmark's DataLoader
+    workers would be spawned (each importing torch afresh) where the same script run directly
+    forks them on Linux."""
     import resource
 
+    if start_method is not None:
+        multiprocessing.set_start_method(start_method, force=True)
     t0 = time.perf_counter()
     try:
         result, error = importlib.import_module(f"benchmarks.{name}").run(**kwargs), None
@@ -68,7 +75,7 @@ def run_benchmark(name: str, quick: bool = False, **overrides) -> dict:
     kwargs = {**BENCHMARKS[name][1 if quick else 0], **overrides}
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(name, kwargs, send))
+    proc = ctx.Process(target=_child, args=(name, kwargs, send, multiprocessing.get_start_method()))
     proc.start()
     send.close()
     try:
