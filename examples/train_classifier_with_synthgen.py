@@ -10,8 +10,12 @@ schedule and seeds:
 
 - ``real``: the imbalanced real training crops;
 - ``synthaugment``: the same, wrapped in :class:`~synthgen.augment.SynthAugment` with the default
-  pipeline in ``prior`` mode (fresh samples of the rare classes from the embedding prior, class
-  names matched to the prior's), 1 real : 3 synthetic for the rare classes and none for the others;
+  pipeline in ``prior`` mode (fresh samples of the rare classes from an embedding prior, class
+  names matched to the prior's), 1 real : 3 synthetic for the rare classes and none for the others.
+  The prior is trained for each run on the embeddings of that run's training crops only (the
+  pipeline's SSL encoder, trained on the skin slide, never on Kather tiles; ``task: prior`` of
+  ``recipes/train/prior_small.yaml`` for ``--prior-steps`` steps), so the held-out tiles never
+  inform generation; the pipeline's shipped ``prior/`` saw all tiles and is not used;
 - ``oversampled``: the control: the same wrapper and policy with copies of the real samples in
   place of synthetic ones, so the two arms differ only in the content of the added images.
 
@@ -20,13 +24,32 @@ Prints per-class recall and balanced accuracy on the held-out real crops, mean o
 one test tile per class, a class's recall in one run is close to 0 or 1: read the means over
 runs, not single digits.
 
-Caveats: the default denoiser has only seen one skin slide, so its images of colorectal classes
-have low class fidelity (see its model card); and the shipped prior was trained on the embeddings
-of all three tiles per class, the held-out tiles included, which can only favour the synthetic arm.
+Caveat: the default denoiser has only seen one skin slide, so its images of colorectal classes
+have low class fidelity (see its model card). A rare class's prior is fitted to its 8 training
+crops (``--rare-items``), so it can only vary around them.
 
-Run (about 7 minutes on 2 busy CPU cores)::
+Run (about 8 minutes on 2 busy CPU cores)::
 
     OMP_NUM_THREADS=1 python examples/train_classifier_with_synthgen.py
+
+Measured with that command (defaults: 3 folds, 8 epochs, 8 sampling steps, 600 prior steps;
+48 synthetic items per fold), recall on the held-out crops, mean over the folds (* rare)::
+
+    class               real   oversampled  synthaugment
+    TUMOR *            0.329         0.963         0.773
+    STROMA             0.000         0.000         0.000
+    COMPLEX            0.681         1.000         1.000
+    LYMPHO             1.000         0.667         0.667
+    DEBRIS             0.380         0.023         0.005
+    MUCOSA *           0.000         0.000         0.731
+    ADIPOSE            1.000         0.667         1.000
+    EMPTY              1.000         0.667         0.667
+    balanced     0.549+-0.053   0.498+-0.170   0.605+-0.197
+
+Per fold, balanced accuracy real / oversampled / synthaugment: 0.623 / 0.611 / 0.740,
+0.505 / 0.259 / 0.326, 0.517 / 0.625 / 0.750. With one test tile per class and fold the spread is
+large: the MUCOSA recall gain is the consistent effect, the balanced-accuracy gain is not
+significant.
 """
 
 from __future__ import annotations
@@ -69,6 +92,25 @@ def split(crops: CropViews, tiles: ImageListDataset, rare: set[int], rare_items:
     return train, test
 
 
+def fold_prior(crops: CropViews, train_idx: list[int], names: list[str], pipeline: Path, out: Path,
+               steps: int, seed: int) -> Path:
+    """Train an embedding prior on this run's training crops only: their SSL embeddings (the
+    pipeline's own encoder) in a feature cache, then the project's ``task: prior`` training.
+    Returns the prior's folder."""
+    from synthgen.config import load_train_config
+    from synthgen.data.cache import build_cache
+    from synthgen.encoders.load import load_encoder
+    from synthgen.training import train
+
+    bank = build_cache(Subset(crops, train_idx), out / "bank", {"emb": load_encoder(f"ssl:{pipeline / 'image_encoder'}")},
+                       shard_size=4096, batch_size=128, classes=names, progress=False)
+    cfg = load_train_config(ROOT / "recipes" / "train" / "prior_small.yaml", {
+        "output_dir": str(out / "prior"), "steps": steps, "seed": seed, "data": {"cache": str(bank)},
+        "optim": {"warmup_steps": min(100, steps // 10)}, "checkpoint_every": steps, "log_every": steps})
+    train(cfg, progress=False)
+    return out / "prior" / "model"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "classes" / "kather2016")
@@ -78,7 +120,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=3, choices=(1, 2, 3), help="folds (held-out tile k, seed k)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8, help="sampling steps of the pipeline")
-    ap.add_argument("--cache-dir", type=Path, default=None, help="keep the synthetic items (default: a temp folder)")
+    ap.add_argument("--prior-steps", type=int, default=600, help="training steps of each run's embedding prior")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="keep the priors and synthetic items (default: a temp folder)")
     args = ap.parse_args(argv)
 
     tiles = ImageListDataset.from_folder(args.data, image_mpp=0.495, mpp=1.0)   # 150 px -> 74 px at 1 um/px
@@ -86,7 +130,6 @@ def main(argv=None) -> dict:
     names = [n.split("_", 1)[-1] for n in tiles.classes]                        # 01_TUMOR -> TUMOR
     rare = {names.index(n.strip().upper()) for n in args.rare.split(",")}
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="synthgen-example-"))
-    gen = PipelineGenerator(args.pipeline, mode="prior", classes=tiles.classes, num_inference_steps=args.steps)
 
     results = {"real": [], "oversampled": [], "synthaugment": []}
     for seed in range(args.runs):
@@ -94,13 +137,19 @@ def main(argv=None) -> dict:
         train, test = Subset(crops, train_idx), Subset(crops, test_idx)
         labels = [tiles.labels[crops[k]["source"]] for k in train_idx]
         counts = np.bincount(labels, minlength=len(names))
+        t = time.perf_counter()
+        prior = fold_prior(crops, train_idx, names, args.pipeline, cache_dir / f"run{seed}", args.prior_steps, seed)
+        prior_s = time.perf_counter() - t
+        gen = PipelineGenerator(args.pipeline, mode="prior", classes=tiles.classes, prior=prior,
+                                num_inference_steps=args.steps)
         aug = SynthAugment(train, gen, SynthPolicy.balance(labels), labels=labels, seed=seed, cache_dir=cache_dir)
         t = time.perf_counter()
         made = aug.pregenerate()
         if seed == 0:
             print("train crops per class: " + ", ".join(f"{n} {k}" for n, k in zip(names, counts, strict=True)))
             print(f"test crops: {len(test)} (one held-out source tile per class)")
-        print(f"run {seed} (test tile {seed} of each class): generated {made} synthetic items in {time.perf_counter() - t:.0f} s "
+        print(f"run {seed} (test tile {seed} of each class): prior trained on the {len(train_idx)} training crops in "
+              f"{prior_s:.0f} s; generated {made} synthetic items in {time.perf_counter() - t:.0f} s "
               f"({int(aug.is_synthetic.sum())} synthetic of {len(aug)})")
         copies = SynthAugment(train, duplicate, SynthPolicy.balance(labels), labels=labels, seed=seed)
         for arm, data in (("real", train), ("oversampled", copies), ("synthaugment", aug)):
