@@ -172,3 +172,22 @@ def test_stain_pipeline_and_cli(tmp_path, data_dir):
     run_cli(["stain", str(slide), "--to", "ki67", "--pipeline", str(folder), "-o", str(tmp_path / "r.tif"),
              "--x", "800", "--y", "1200", "--size", "64", "--steps", "2"])
     assert Image.open(tmp_path / "r.png").size == (64, 64) and (tmp_path / "r.tif").exists()
+
+
+def test_shipped_panck_translator_beats_identity_in_dab_correlation(data_dir):
+    """The shipped virtual-PanCytokeratin model (trained on the ANHIR rat-kidney pairs outside the
+    band 0.4-0.6 of the width) on held-out pairs of that band: the DAB-positive area of its virtual
+    IHC follows the real IHC's from patch to patch; the identity baseline (the H&E embedding decoded
+    as IHC) does not (benchmarks/virtual_stain.py, 32 pairs, 8 steps)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.virtual_stain import run
+
+    res = run("panck", steps=8, limit=32, routes=("identity", "translator"))["routes"]
+    tr, ident = res["translator"], res["identity"]
+    # measured: Pearson 0.84 vs -0.35 (106 pairs, 20 steps: 0.87 vs -0.47; real-embedding ceiling 0.85)
+    assert tr["dab_pearson"] > 0.6 and tr["dab_pearson"] > ident["dab_pearson"] + 0.5, res
+    assert tr["dab_spearman"] > ident["dab_spearman"] + 0.3, res
+    assert abs(tr["dab_virtual_mean"] - tr["dab_real_mean"]) < 0.05, res  # about the right amount of DAB

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synthgen.data.pairs import ImagePair, StainError, patch_grid
 from synthgen._io import atomic_write_bytes, atomic_write_text
+from synthgen.data.pairs import ImagePair, StainError, patch_grid
 
 __all__ = ["downsample_pair", "write_pair_folders"]
 
