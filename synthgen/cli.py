@@ -325,7 +325,8 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
 @click.option("--cache", "cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Without --reference: one embedding (of --class) from this cache conditions every window.")
 @click.option("--embedding-key", default="emb", show_default=True)
-@click.option("--class", "label", type=int, default=None, help="Class id (cache selection, class-conditional models).")
+@click.option("--class", "label", default=None, metavar="ID|NAME",
+              help="Class id, or a class name of --cache (cache selection, class-conditional models).")
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Window overlap in pixels [default: half a window].")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,

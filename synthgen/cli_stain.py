@@ -14,7 +14,7 @@ DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "checkpoints" / "synthg
 
 @click.command("stain")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--to", "stain", required=True, help="Target stain, e.g. ki67 (aliases such as Ki-67 work).")
+@click.option("--to", "stain", required=True, help="Target stain, e.g. panck or ki67 (aliases such as Ki-67 work); the pipeline needs stains/<stain>/.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Output folder (tiles) or .tif path (a slide region: pyramidal TIFF + PNG preview).")
 @click.option("--pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

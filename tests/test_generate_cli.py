@@ -28,7 +28,8 @@ def setup(kather, tmp_path_factory):
     enc = SSLEncoder(**encoder_config("tiny")).eval()
     SynthPipeline(Denoiser(**denoiser_config("tiny")).eval(), VAE.from_preset("tiny").model.eval(),
                   make_scheduler("epsilon"), image_encoder=enc).save_pretrained(root / "pipe")
-    build_cache(ImageListDataset.from_folder(kather, size=32), root / "cache", {"emb": enc}, progress=False)
+    ds = ImageListDataset.from_folder(kather, size=32)
+    build_cache(ds, root / "cache", {"emb": enc}, classes=ds.classes, progress=False)
     prior = EmbeddingPrior(num_tokens=1, dim=32, num_classes=8, width=32, depth=1)
     prior.save_pretrained(root / "prior")
     return root
@@ -112,6 +113,16 @@ def test_large_cli_resynthesises_a_slide_region(setup, cmu, tmp_path):
     with Slide(out) as s:
         assert s.dimensions == (64, 64) and s.mpp == pytest.approx(1.0)
     assert out.with_suffix(".png").exists()
+    # from a cache: one embedding of a class picked by name (or id), else a named error
+    run_cli(["large", str(setup / "pipe"), "-o", str(tmp_path / "c.tif"), "--size", "48", "--cache",
+             str(setup / "cache"), "--class", "06_mucosa", "--steps", "1"])
+    assert Image.open(tmp_path / "c.png").size == (48, 48)
+    from synthgen.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["large", str(setup / "pipe"), "-o", str(tmp_path / "d.tif"), "--size", "48", "--cache",
+              str(setup / "cache"), "--class", "bone", "--steps", "1"])
+    assert e.value.code == 1
 
 
 def test_assemble_reads_the_objective_of_therun_cli(setup, tmp_path):

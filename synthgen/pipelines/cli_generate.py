@@ -195,6 +195,8 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
         write_pyramidal_tiff,
     )
 
+    if reference is not None and label is not None and not str(label).lstrip("-").isdigit():
+        raise SynthgenError(f"--class {label!r}: with --reference give a class id (names come from a --cache)")
     pipe = SynthPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
     ov_px = pipe.image_size // 2 if overlap is None else overlap
@@ -206,14 +208,19 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
         with Slide(reference, mpp=slide_mpp) as s:
             grid = region_embeddings(pipe, s.read(x, y, size, mpp), ov_px)
     elif cache_dir is not None:
-        embs, bank_labels, _ = _bank(cache_dir, embedding_key)
-        if label is not None and bank_labels is not None:
+        embs, bank_labels, names = _bank(cache_dir, embedding_key)
+        label = resolve_class(label, names, "the cache")
+        if label is not None:
+            if bank_labels is None:
+                raise SynthgenError("the cache has no labels, so --class cannot select embeddings")
             embs = embs[bank_labels == label]
+            if len(embs) == 0:
+                raise SynthgenError(f"--class {label}: the cache has no embedding of this class")
         grid = embs[int(torch.randint(0, len(embs), (1,), generator=torch.Generator().manual_seed(seed)))]
     else:
         raise SynthgenError("synthgen large needs --reference (a slide or image region to re-synthesise) or --cache")
     image = generate_large(pipe, grid, size, overlap=ov_px, seed=seed, guidance_scale=guidance,
-                           num_inference_steps=steps, class_label=label)
+                           num_inference_steps=steps, class_label=None if label is None else int(label))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_pyramidal_tiff(out, image, mpp)

@@ -159,9 +159,7 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
                     raise StainError(f"{lora}: no lora_config.json and no lora.rank in {lora.parent / 'config.json'}")
                 (tmp / "lora" / "lora_config.json").write_text(json.dumps(
                     {"rank": run["rank"], "alpha": run.get("alpha") or run["rank"]}))
-            from synthgen.pipelines.generate import SynthPipeline
-
-            merge_lora(SynthPipeline.from_pretrained(pipeline_dir).transformer, tmp / "lora")
+            merge_lora(Denoiser.from_pretrained(pipeline_dir, subfolder="transformer"), tmp / "lora")
         else:
             Denoiser.from_pretrained(transformer)
             shutil.copytree(transformer, tmp / "transformer")
