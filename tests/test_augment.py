@@ -120,6 +120,11 @@ def test_real_pipeline_deterministic_across_worker_counts(kather, tiny_pipeline)
         assert torch.equal(ya, yb) and torch.equal(sa, sb) and torch.equal(xa, xb)
     synth = torch.cat([x[s] for x, _, s in a])
     assert len(synth) == 54 and synth.dtype == torch.uint8 and synth.float().std() > 1
+    # device=: the pipeline is moved there once loaded; images come back on the CPU, same cache key
+    on = PipelineGenerator(tiny_pipeline, mode="variation", num_inference_steps=3, device="cpu")
+    refs = torch.stack([Tiles(kather)[i][0] for i in range(2)])
+    assert torch.equal(on([0, 1], refs, [3, 4]), gen([0, 1], refs, [3, 4]))
+    assert on._pipe.device == torch.device("cpu") and on.fingerprint() == gen.fingerprint()
 
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"

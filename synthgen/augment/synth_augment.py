@@ -81,6 +81,11 @@ class PipelineGenerator:
         prior: ``prior`` mode: an :class:`~synthgen.models.prior.EmbeddingPrior` or its folder
             (default: the pipeline folder's ``prior/``).
         controlnet_conditioning_scale: ``mask`` mode: strength of the mask branch.
+        device: where the pipeline runs (e.g. ``"cuda:1"``: a GPU kept for generation, typically
+            with ``SynthAugment.pregenerate(background=True)``, whose process is spawned); default
+            CPU. DataLoader workers that generate on a GPU need
+            ``multiprocessing_context="spawn"`` (CUDA does not survive a fork). Images come back
+            on the CPU. Not part of the cache key: CPU and GPU results differ only in rounding.
 
     Raises:
         SynthgenError: an unknown mode, a prior mode without a prior or with classes that do not
@@ -89,12 +94,13 @@ class PipelineGenerator:
 
     def __init__(self, pipeline, mode: str = "variation", guidance_scale: float = 2.0, num_inference_steps: int = 8,
                  classes: Sequence[str] | Mapping[int, int | str] | None = None, prior=None,
-                 controlnet_conditioning_scale: float = 1.0):
+                 controlnet_conditioning_scale: float = 1.0, device: str | torch.device | None = None):
         if mode not in MODES:
             raise SynthgenError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.source, self.mode = pipeline, mode
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
         self.controlnet_conditioning_scale = controlnet_conditioning_scale
+        self.device = None if device is None else torch.device(device)
         self._pipe, self._pid, self._prior, self._fingerprint = None, None, None, None
         self.prior_source, self.class_map = None, None
         if mode == "prior":
@@ -113,6 +119,8 @@ class PipelineGenerator:
             src = self.source
             self._pipe = SynthPipeline.from_pretrained(src) if isinstance(src, (str, os.PathLike)) else src
             self._pipe.set_progress_bar_config(disable=True)
+            if self.device is not None:
+                self._pipe.to(self.device)
             if self.mode == "mask" and self._pipe.controlnet is None:
                 raise SynthgenError(f"mode='mask' needs a pipeline with a mask branch (controlnet/); {src} has none")
             if self.mode == "prior":
