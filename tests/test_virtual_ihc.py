@@ -136,6 +136,8 @@ def test_stain_pipeline_and_cli(tmp_path, data_dir):
         install_stain(folder, "ki67", runs / "translator", lora=bad, overwrite=True)
     assert (folder / "stains" / "ki67" / "lora" / "lora_adapter.safetensors").exists()
     assert sorted(q.name for q in (folder / "stains").iterdir()) == ["ki67"]  # no temporary folder left
+    install_stain(folder, "ki67", runs / "translator", lora=lora, vae=runs / "vae", overwrite=True)
+    assert sorted(q.name for q in (folder / "stains").iterdir()) == ["ki67"]  # replaced, old copy gone
     ihc, tr = load_stain(folder, "Ki-67")
     assert torch.equal(ihc.vae.decoder.conv_out.weight, ihc_vae.decoder.conv_out.weight)
     q = ihc.transformer.transformer_blocks[0].attn1.to_q.weight

@@ -112,8 +112,9 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
         vae: optional decoder fine-tuned on the stain (``model.freeze_encoder``).
         overwrite: replace a stain already there.
 
-    Every part is loaded (and the adapter merged into the pipeline's denoiser) before anything is
-    written; the folder appears complete or not at all.
+    Every part is loaded (and the adapter merged into the pipeline's denoiser) in a temporary
+    folder beside the stains, which is renamed into place only when all parts check out: the
+    stain's folder appears complete or not at all, and a replaced one stays until then.
 
     Raises:
         StainError: unknown stain, a translator not trained for it, neither or both of
@@ -154,9 +155,10 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
             if (lora / "lora_config.json").is_file():
                 shutil.copy2(lora / "lora_config.json", tmp / "lora")
             else:  # older runs: rank and alpha are in the run's training config
-                run = json.loads((lora.parent / "config.json").read_text()).get("lora", {})
+                run_cfg = lora.parent / "config.json"
+                run = json.loads(run_cfg.read_text()).get("lora", {}) if run_cfg.is_file() else {}
                 if not run.get("rank"):
-                    raise StainError(f"{lora}: no lora_config.json and no lora.rank in {lora.parent / 'config.json'}")
+                    raise StainError(f"{lora}: no lora_config.json, and no lora.rank in {run_cfg}")
                 (tmp / "lora" / "lora_config.json").write_text(json.dumps(
                     {"rank": run["rank"], "alpha": run.get("alpha") or run["rank"]}))
             merge_lora(Denoiser.from_pretrained(pipeline_dir, subfolder="transformer"), tmp / "lora")
@@ -166,9 +168,13 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
         if vae is not None:
             StrictAutoencoderKL.from_pretrained(vae)
             shutil.copytree(vae, tmp / "vae")
-        if dest.exists():
-            shutil.rmtree(dest)
+        old = None
+        if dest.exists():  # moved aside, not deleted, until the new folder is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=pipeline_dir / "stains"))
+            os.replace(dest, old / name)
         os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
