@@ -13,6 +13,7 @@ eight dihedral views (rotations and flips applied to both stains alike).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -55,9 +56,13 @@ def downsample_pair(pair: ImagePair, factor: int) -> ImagePair:
         return a.mean((1, 3))
 
     valid = None if pair.valid is None else box(np.asarray(pair.valid, np.float32)) == 1.0
+    reg = pair.registration
+    if reg is not None:  # the same transform in the coordinates of the smaller images
+        scale = np.diag([1.0 / factor, 1.0 / factor, 1.0])
+        reg = dataclasses.replace(reg, matrix=scale @ reg.matrix @ np.linalg.inv(scale))
     return ImagePair(np.round(box(src.astype(np.float32))).astype(np.uint8),
                      np.round(box(tgt.astype(np.float32))).astype(np.uint8), pair.name, valid,
-                     pair.registration, pair.origin)
+                     reg, (pair.origin[0] // factor, pair.origin[1] // factor))
 
 
 def write_pair_folders(pairs: Sequence[ImagePair], out: str | os.PathLike, size: int, stride: int | None = None,
