@@ -10,18 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from synthgen.data.pairs import (
-    PairedStainDataset,
+from synthgen.data.pairs import PairedStainDataset, deepliif_pair, folder_pairs, resolve_stain
+from synthgen.data.registration import (
     apply_affine,
-    deepliif_pair,
     fit_affine,
-    folder_pairs,
     landmark_errors,
     matched_landmarks,
     read_landmarks,
     register_intensity,
     register_landmarks,
-    resolve_stain,
     tissue_density,
     warp_to,
 )
@@ -182,7 +179,8 @@ def test_sections_dataset_from_landmarks(stains):
     assert pair.registration.method == "landmarks" and 3 < pair.registration.error_px < 6  # measured 4.8 px
     assert pair.target.shape == pair.source.shape  # the IHC section is warped into the H&E frame
     # each kept patch holds tissue (optical density above glass) on both sides
-    from synthgen.data.pairs import GLASS_OD, optical_density
+    from synthgen.data.pairs import GLASS_OD
+    from synthgen.data.registration import optical_density
 
     for i in (0, len(ds) // 2, len(ds) - 1):
         item = ds[i]
