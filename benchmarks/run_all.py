@@ -1,13 +1,14 @@
-"""Run every benchmark in one go: patch reading, training, sampling, VAE reconstruction and
-augmentation, each against its reference measured in the same run, with the peak memory of
-each benchmark's process (and the CPU model-FLOP utilisation the training benchmark computes).
+"""Run every benchmark in one go: patch reading, training, sampling, VAE reconstruction,
+augmentation and rare-class modes, each against its reference measured in the same run, with
+the peak memory of each benchmark's process (and the CPU model-FLOP utilisation the training
+benchmark computes).
 
 Each benchmark runs in its own fresh process (so its peak RSS is its own); the summary table of
 all ratios is printed at the end and, with ``--append``, added to BENCHMARKS.md as a dated
 section with the exact command and the machine (placed first: that file lists newest first).
 
-    python benchmarks/run_all.py                          # full sizes (about 5-10 min on 2 CPU cores)
-    python benchmarks/run_all.py --quick                  # small sizes: a smoke run (about 2 min)
+    python benchmarks/run_all.py                          # full sizes (about 20 min on 2 CPU cores)
+    python benchmarks/run_all.py --quick                  # small sizes: a smoke run (about 4 min)
     python benchmarks/run_all.py --append BENCHMARKS.md --json runs/bench_all.json
     python -m benchmarks --only tiling,training
 """
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, tuple[dict, dict]] = {
     "sampling": ({}, {"n": 8, "batch_size": 8}),
     "vae_reconstruction": ({}, {"limit": 16}),
     "augment": ({}, {"steps": 8, "batch_size": 16}),
+    "rare_classes": ({}, {"folds": 1, "n": 8, "modes": ("prior",)}),
 }
 
 
