@@ -32,7 +32,9 @@ DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "checkpoints" / "synthg
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--guidance", type=float, default=2.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, steps, guidance, seed):
+@click.option("--keep-glass/--no-keep-glass", "glass", default=True, show_default=True,
+              help="Slide region: where the source is glass, keep glass (the translator only knows tissue).")
+def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, steps, guidance, seed, glass):
     """Virtual IHC of SOURCE: a folder of H&E tiles (at the model's tile size and resolution) or a
     slide / large image, of which the region (--x, --y, --size at --mpp) is translated window by
     window and written as a pyramidal TIFF that OpenSlide and QuPath open.
@@ -70,11 +72,12 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
         return
     if structure:
         raise click.UsageError("--structure works on tiles (a folder); a slide region uses the embedding route")
-    path = _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed)
+    path = _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed,
+                         glass)
     click.echo(f"virtual {stain}, {size}x{size} px -> {path} (+ {path.with_suffix('.png').name})")
 
 
-def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed):
+def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed, glass):
     import torch
     from PIL import Image
 
@@ -84,14 +87,18 @@ def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_m
         region_embeddings,
         write_pyramidal_tiff,
     )
+    from synthgen.pipelines.stain import keep_glass
 
     win = pipe.image_size
     with Slide(source, mpp=slide_mpp) as s:
-        grid = region_embeddings(pipe, s.read(x, y, size, mpp), win // 2)
+        region = s.read(x, y, size, mpp)
+    grid = region_embeddings(pipe, region, win // 2)
     emb = translator.translate(grid.flatten(0, 1), stain, generator=torch.Generator().manual_seed(seed))
     grid = emb.reshape(*grid.shape[:2], *emb.shape[1:])
     image = generate_large(pipe, grid, size, overlap=win // 2, seed=seed, guidance_scale=guidance,
                            num_inference_steps=steps)
+    if glass:
+        image = keep_glass(region, image)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_pyramidal_tiff(out, image, mpp)

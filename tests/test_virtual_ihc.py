@@ -193,3 +193,30 @@ def test_shipped_panck_translator_beats_identity_in_dab_correlation(data_dir):
     assert tr["dab_pearson"] > 0.6 and tr["dab_pearson"] > ident["dab_pearson"] + 0.5, res
     assert tr["dab_spearman"] > ident["dab_spearman"] + 0.3, res
     assert abs(tr["dab_virtual_mean"] - tr["dab_real_mean"]) < 0.05, res  # about the right amount of DAB
+
+
+def test_keep_glass_keeps_the_sources_glass_and_leaves_tissue_alone(data_dir):
+    """Slide regions: the translator only knows tissue, so glass in the source stays glass."""
+    from synthgen.data.slides import Slide
+    from synthgen.pipelines.stain import keep_glass
+
+    with Slide(data_dir / "slides" / "CMU-1-Small-Region.svs") as s:
+        region = s.read(0, 0, 192, 5.0)  # the top-left corner: skin with glass around it
+    from synthgen.data.pairs import GLASS_OD
+    from synthgen.data.registration import optical_density
+
+    glass = optical_density(region) < GLASS_OD
+    assert 0.3 < glass.mean() < 0.9
+    rng = np.random.default_rng(0)
+    virtual = rng.integers(60, 200, region.shape, dtype=np.uint8)
+    out = keep_glass(region, virtual)
+    from scipy.ndimage import binary_erosion
+
+    deep_glass, deep_tissue = binary_erosion(glass, iterations=6), binary_erosion(~glass, iterations=6)
+    colour = np.median(region[glass], axis=0)
+    assert np.abs(out[deep_glass].astype(float) - colour).max() <= 1  # glass: the source's glass colour
+    np.testing.assert_array_equal(out[deep_tissue], virtual[deep_tissue])  # tissue: untouched
+    tissue_only = np.full_like(region, (170, 90, 150))
+    np.testing.assert_array_equal(keep_glass(tissue_only, virtual), virtual)
+    with pytest.raises(StainError, match="differ in size"):
+        keep_glass(region, virtual[:10])

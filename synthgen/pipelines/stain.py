@@ -181,6 +181,34 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
     return dest
 
 
+def keep_glass(source: np.ndarray, virtual: np.ndarray, feather: float = 1.5) -> np.ndarray:
+    """``virtual`` (uint8 (H, W, 3)) with the glass of ``source`` (same size) kept as glass.
+
+    The translator only ever saw tissue, so where a slide region is empty it invents tissue; real
+    IHC leaves glass empty. Glass is where the source's optical density is under
+    :data:`synthgen.data.pairs.GLASS_OD` (specks removed, holes under 16 px closed), filled with
+    the source's own glass colour (its median); the edge is feathered over ``feather`` pixels.
+    A region without glass comes back unchanged.
+    """
+    from scipy.ndimage import gaussian_filter
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    from synthgen.data.pairs import GLASS_OD
+    from synthgen.data.registration import optical_density
+
+    if source.shape != virtual.shape:
+        raise StainError(f"source {source.shape} and virtual {virtual.shape} differ in size")
+    glass = optical_density(source) < GLASS_OD
+    glass = remove_small_holes(remove_small_objects(glass, max_size=15), max_size=15)
+    if not glass.any():
+        return virtual
+    colour = np.median(source[glass], axis=0)
+    alpha = gaussian_filter(glass.astype(np.float32), feather) if feather > 0 else glass.astype(np.float32)
+    alpha = np.where(glass, np.maximum(alpha, 0.5), alpha)[..., None]  # glass pixels at least half glass
+    out = virtual.astype(np.float32) * (1 - alpha) + colour[None, None, :] * alpha
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inference_steps: int = 20,
                   guidance_scale: float = 2.0, structure: bool = False, batch_size: int = 32) -> np.ndarray:
     """Virtual ``stain`` tiles (uint8 (B, H, W, 3)) for source tiles ``images`` (uint8 (B, 3, H, W)
