@@ -27,3 +27,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def atomic_save_png(image, path: str | os.PathLike) -> None:
+    """Write a PIL image or a uint8 (H, W[, 3]) array as a PNG, atomically."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

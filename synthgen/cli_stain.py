@@ -46,6 +46,7 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
     import numpy as np
     from PIL import Image
 
+    from synthgen._io import atomic_save_png
     from synthgen.pipelines.stain import load_stain, virtual_stain
 
     try:
@@ -65,9 +66,7 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
         for f, im in zip(files, images, strict=True):
             dest = out / f.relative_to(source).with_suffix(".png")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp.png")
-            Image.fromarray(im).save(tmp)
-            tmp.replace(dest)
+            atomic_save_png(im, dest)
         click.echo(f"{len(files)} virtual {stain} tiles -> {out}")
         return
     if structure:

@@ -14,7 +14,6 @@ eight dihedral views (rotations and flips applied to both stains alike).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -22,9 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from synthgen._io import atomic_write_bytes, atomic_write_text
+from synthgen._io import atomic_save_png, atomic_write_text
 from synthgen.data.pairs import ImagePair, StainError, patch_grid
 
 __all__ = ["downsample_pair", "write_pair_folders"]
@@ -33,12 +31,6 @@ __all__ = ["downsample_pair", "write_pair_folders"]
 def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
     out = np.rot90(a, k % 4)
     return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
-
-
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def downsample_pair(pair: ImagePair, factor: int) -> ImagePair:
@@ -118,8 +110,8 @@ def write_pair_folders(pairs: Sequence[ImagePair], out: str | os.PathLike, size:
                 views = range(8) if (dihedral and split == "train") else [None]
                 for v in views:
                     name = f"{pair.name}_{x}_{y}" + ("" if v is None else f"_{v}") + ".png"
-                    _save_png(a if v is None else _dihedral(a, v), dirs[split + "A"] / name)
-                    _save_png(b if v is None else _dihedral(b, v), dirs[split + "B"] / name)
+                    atomic_save_png(a if v is None else _dihedral(a, v), dirs[split + "A"] / name)
+                    atomic_save_png(b if v is None else _dihedral(b, v), dirs[split + "B"] / name)
                     counts[split] += 1
     if counts["train"] + counts["test"] == 0:
         raise StainError(f"no {size} px patch passes min_tissue={min_tissue} "

@@ -3,15 +3,11 @@ histograms with a threshold line, and captioned image grids, for the evaluation 
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-from synthgen._io import atomic_write_bytes
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -182,10 +178,3 @@ def image_grid(rows: Sequence[tuple[str, Sequence]], tile: int = 64, pad: int = 
             pil = Image.fromarray(np.ascontiguousarray(a.astype(np.uint8)).squeeze()).convert("RGB")
             grid.paste(pil.resize((tile, tile), Image.BILINEAR), (cap_w + pad + c * (tile + pad), y))
     return grid
-
-
-def save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write a PNG atomically (readers never see half a file)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())

@@ -70,7 +70,7 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
     Raises:
         SynthgenError: a results file that is not JSON, or an empty image set.
     """
-    from synthgen.metrics.plots import save_png
+    from synthgen._io import atomic_save_png as save_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
