@@ -279,8 +279,14 @@ def train(config, overrides, resume, stop_at, print_config):
 @click.option("--prior", "prior_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Embedding prior folder (for --mode prior) [default: PIPELINE/prior when it exists].")
 @click.option("--filter", "use_filter", is_flag=True,
-              help="Re-encode each image and record whether it is nearest to its class (needs labelled --cache, "
-                   "default: PIPELINE/bank).")
+              help="Selective filter. Class check (with --class): re-encode each image and record whether it is "
+                   "nearest to its class (needs labelled --cache, default: PIPELINE/bank). Realism check: reject "
+                   "images whose hand-crafted features are far from every real reference tile (--realism-ref, "
+                   "default: --images; skipped, and said so, without either). 'accepted' in manifest.json is "
+                   "both checks.")
+@click.option("--realism-ref", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Real tiles (image folder, resized to the model's tile size, or a tile table at the model's mpp) "
+                   "for the --filter realism check; its threshold is calibrated on them [default: --images].")
 @click.option("--guidance", type=float, default=2.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampling steps.")
 @click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default=None,
@@ -293,21 +299,26 @@ def train(config, overrides, resume, stop_at, print_config):
 @click.option("--controlnet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Mask branch folder to use instead of the pipeline's own controlnet/.")
 def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-             guidance, steps, sampler, seed, batch_size, masks_dir, controlnet):
+             realism_ref, guidance, steps, sampler, seed, batch_size, masks_dir, controlnet):
     """Generate a synthetic dataset with PIPELINE (a SynthPipeline folder).
 
     Splits across processes under `accelerate launch` / `torchrun` (each writes its own share;
     rank 0 merges manifest.json). Every image's seed and condition are recorded, so any item can
     be regenerated alone.
     """
-    from synthgen.pipelines.cli_generate import run_generate
+    import json
+
+    from synthgen.pipelines.cli_generate import filter_summary, run_generate
 
     path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
                         embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
                         use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
-                        batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet)
+                        batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref)
     if path is not None:
         click.echo(f"{num_images} images -> {out} (manifest: {path})")
+        if use_filter:
+            for line in filter_summary(json.loads(Path(path).read_text())):
+                click.echo(line)
 
 
 @cli.command()
@@ -424,16 +435,20 @@ def _load_encoder(spec: str):
 @eval_group.command("fidelity")
 @click.argument("real", type=click.Path(exists=True, path_type=Path))
 @click.argument("synth", type=click.Path(exists=True, path_type=Path))
-@click.option("-e", "--encoder", "encoder_spec", required=True, metavar="SPEC",
+@click.option("-e", "--encoder", "encoder_spec", default=None, metavar="SPEC",
               help="Feature extractor: " + SPEC_HELP + ". Use a pathology encoder (e.g. timm:hf-hub:MahmoodLab/UNI2-h) "
-                   "rather than Inception.")
+                   "rather than Inception. Without it only the encoder-free FD is reported.")
 @click.option("--size", type=click.IntRange(min=8), default=None, help="Resize images to this square size first.")
 @click.option("--k", type=click.IntRange(min=1), default=5, show_default=True, help="Neighbours for precision/recall.")
 @click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=0), default=100, show_default=True,
               help="Bootstrap resamples for the FD confidence interval.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the encoder-free FD's random real halves.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
-def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, json_out):
-    """Frechet distance, KID, precision/recall/density/coverage of SYNTH against REAL.
+def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, seed, json_out):
+    """Frechet distance, KID, precision/recall/density/coverage of SYNTH against REAL, and the
+    encoder-free FD (hand-crafted stain, colour, texture, nuclei and sharpness features) beside
+    its real-vs-real floor and blurred / stain-shifted copies of the real set, measured in the
+    same run.
 
     REAL and SYNTH are image folders (ImageFolder layout gives per-class results),
     `synthgen generate` outputs (labels read from manifest.json) or tile tables.
@@ -441,20 +456,34 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, json_out):
     import json
 
     from synthgen.metrics.fidelity import extract_features, fidelity_report
+    from synthgen.metrics.handcrafted import encoder_free_report, format_report
 
-    encoder = _load_encoder(encoder_spec)
-    fr, lr = extract_features(encoder, _image_set(real, size))
-    fs, ls = extract_features(encoder, _image_set(synth, size))
-    report = fidelity_report(fr, fs, lr, ls, k=k, n_bootstrap=n_bootstrap)
-    o = report["overall"]
-    click.echo(f"real {o['n_real']}  synthetic {o['n_fake']}  ({encoder_spec})")
-    click.echo(f"FD {o['fd']['value']:.4f} (95% CI {o['fd']['ci95'][0]:.4f}-{o['fd']['ci95'][1]:.4f})   "
-               f"KID {o['kid']['value']:.5f} +- {o['kid']['std']:.5f}")
-    if "precision" in o:
-        click.echo("precision {:.3f}  recall {:.3f}  density {:.3f}  coverage {:.3f}".format(
-            *(o[m]["value"] for m in ("precision", "recall", "density", "coverage"))))
-    for c, r in report.get("per_class", {}).items():
-        click.echo(f"  class {c}: FD {r['fd']['value']:.4f}  KID {r['kid']['value']:.5f}  (n={r['n_real']}/{r['n_fake']})")
+    real_ds, synth_ds = _image_set(real, size), _image_set(synth, size)
+    report = {}
+    if encoder_spec:
+        encoder = _load_encoder(encoder_spec)
+        fr, lr = extract_features(encoder, real_ds)
+        fs, ls = extract_features(encoder, synth_ds)
+        report = fidelity_report(fr, fs, lr, ls, k=k, n_bootstrap=n_bootstrap)
+        o = report["overall"]
+        click.echo(f"real {o['n_real']}  synthetic {o['n_fake']}  ({encoder_spec})")
+        click.echo(f"FD {o['fd']['value']:.4f} (95% CI {o['fd']['ci95'][0]:.4f}-{o['fd']['ci95'][1]:.4f})   "
+                   f"KID {o['kid']['value']:.5f} +- {o['kid']['std']:.5f}")
+        if "precision" in o:
+            click.echo("precision {:.3f}  recall {:.3f}  density {:.3f}  coverage {:.3f}".format(
+                *(o[m]["value"] for m in ("precision", "recall", "density", "coverage"))))
+        for c, r in report.get("per_class", {}).items():
+            click.echo(f"  class {c}: FD {r['fd']['value']:.4f}  KID {r['kid']['value']:.5f}  "
+                       f"(n={r['n_real']}/{r['n_fake']})")
+    else:
+        click.echo(f"real {len(real_ds)}  synthetic {len(synth_ds)}  (no encoder: encoder-free FD only)")
+    try:
+        report["encoder_free"] = encoder_free_report(real_ds, synth_ds, seed=seed)
+        for line in format_report(report["encoder_free"]):
+            click.echo(line)
+    except ValueError as e:
+        report["encoder_free"] = {"skipped": f"could not compute: {e}"}
+        click.echo(f"encoder-free FD: could not compute: {e}")
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))
 
@@ -567,6 +596,14 @@ def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_agai
                        sources={"real": str(real), "synthetic": str(synth), "encoder": encoder_spec})
     for name, reason in rep["skipped"].items():
         click.echo(f"skipped {name}: {reason}")
+    free = rep["encoder_free"]
+    if "skipped" in free:
+        click.echo(f"encoder-free FD not computed: {free['skipped']}")
+    else:
+        from synthgen.metrics.handcrafted import format_report
+
+        for line in format_report(free):
+            click.echo(line)
     click.echo(f"report ({', '.join(rep['sections']) or 'samples only'}) -> {out / 'report.md'}")
 
 

@@ -1,4 +1,4 @@
-"""Metrics: fidelity of synthetic sets (more come with the utility, mask, stain and privacy work)."""
+"""Metrics: fidelity of synthetic sets (encoder and encoder-free), masks, stains, utility, privacy."""
 
 from synthgen._lazy import lazy_getattr
 
@@ -9,6 +9,10 @@ _EXPORTS = {
     "bootstrap": ".fidelity",
     "fidelity_report": ".fidelity",
     "extract_features": ".fidelity",
+    "handcrafted_features": ".handcrafted",
+    "handcrafted_fd": ".handcrafted",
+    "encoder_free_report": ".handcrafted",
+    "RealismFilter": ".handcrafted",
     "mask_adherence": ".masks",
     "dice": ".masks",
     "match_objects": ".masks",

@@ -1,11 +1,14 @@
 """One evaluation report of a synthetic set: fidelity, utility, privacy audit, mask adherence and
 stain scores, written as ``report.md`` + ``report.json`` + PNG plots + a real-vs-synthetic grid.
 
-Sections computed here: fidelity (:mod:`synthgen.metrics.fidelity`, needs an encoder) and the
-memorisation audit (:mod:`synthgen.metrics.privacy`, needs an encoder and the generating model's
-training images). Sections passed in as results: utility (a
-:func:`~synthgen.metrics.utility.utility_study` dict) and mask adherence / stain scores (any
-dict, or JSON file, of numbers, nested or flat: rendered as tables). Every section not
+Sections computed here: fidelity (:mod:`synthgen.metrics.fidelity`, needs an encoder), the
+encoder-free fidelity (:mod:`synthgen.metrics.handcrafted`: hand-crafted features, always
+computed, with the real-vs-real floor and blurred / stain-shifted references of the same run; in
+``report.json`` under ``encoder_free``, beside ``sections``) and the memorisation audit
+(:mod:`synthgen.metrics.privacy`, needs an encoder and the generating model's training images).
+Sections passed in as results: utility (a :func:`~synthgen.metrics.utility.utility_study` dict)
+and mask adherence / stain scores (any dict, or JSON file, of numbers, nested or flat: rendered
+as tables). Every section not
 produced is listed in the report with the reason.
 """
 
@@ -27,6 +30,7 @@ from synthgen.errors import SynthgenError
 SECTIONS = ("fidelity", "utility", "privacy", "masks", "stain")
 TITLES = {"fidelity": "Fidelity", "utility": "Utility (train on synthetic, test on real)",
           "privacy": "Privacy: memorisation audit", "masks": "Mask adherence", "stain": "Stain scores"}
+FREE_TITLE = "Fidelity, encoder-free features"
 _PLOTS = ("fidelity_prdc.png", "utility_recall.png", "privacy_nn.png")
 _DEFAULT_SKIP = {
     "fidelity": "no encoder given (--encoder SPEC)",
@@ -42,7 +46,8 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
                  audit_threshold: float = 0.5, masks: Mapping | str | os.PathLike | None = None,
                  stain: Mapping | str | os.PathLike | None = None, class_names: list[str] | None = None,
                  k: int = 5, n_bootstrap: int = 100, seed: int = 0, n_samples: int = 8,
-                 sources: Mapping[str, str] | None = None, skipped: Mapping[str, str] | None = None) -> dict:
+                 sources: Mapping[str, str] | None = None, skipped: Mapping[str, str] | None = None,
+                 encoder_free: bool = True) -> dict:
     """Evaluate ``synth`` against ``real`` and write the report into folder ``out``.
 
     Args:
@@ -62,10 +67,14 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
         n_samples: images per row of the sample grid.
         sources: descriptions shown in the header (e.g. ``{"real": ..., "synthetic": ..., "encoder": ...}``).
         skipped: reasons to give for sections not produced, instead of the defaults.
+        encoder_free: compute the encoder-free FD with its references
+            (:func:`~synthgen.metrics.handcrafted.encoder_free_report`, ``seed``); no encoder needed.
 
     Returns:
-        ``{"sections": {name: results}, "skipped": {name: reason}, "files": [names], ...}``,
-        also written to ``out/report.json``.
+        ``{"sections": {name: results}, "skipped": {name: reason}, "encoder_free": {...}, "files":
+        [names], ...}``, also written to ``out/report.json``. ``encoder_free`` is the
+        :func:`~synthgen.metrics.handcrafted.encoder_free_report` result, or ``{"skipped": reason}``
+        (sets too small, or ``encoder_free=False``).
 
     Raises:
         SynthgenError: a results file that is not JSON, or an empty image set.
@@ -105,6 +114,15 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
             why["fidelity"] = f"could not compute: {e}"
     else:
         why["fidelity"] = skip["fidelity"]
+    if encoder_free:
+        from synthgen.metrics.handcrafted import encoder_free_report
+
+        try:
+            free = encoder_free_report(real, synth, seed=seed)
+        except ValueError as e:
+            free = {"skipped": f"could not compute: {e}"}
+    else:
+        free = {"skipped": "turned off (encoder_free=False)"}
     if "fidelity" in sections:
         save_png(_prdc_plot(sections["fidelity"], names), out / "fidelity_prdc.png")
         plots["fidelity"].append("fidelity_prdc.png")
@@ -143,7 +161,8 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
         (out / stale).unlink(missing_ok=True)
     result = {"created": datetime.datetime.now().isoformat(timespec="seconds"),
               "n_real": len(real), "n_synthetic": len(synth), "sources": sources, "class_names": names,
-              "samples_per_class": per_class, "sections": sections, "skipped": why, "files": files}
+              "samples_per_class": per_class, "sections": sections, "skipped": why, "encoder_free": free,
+              "files": files}
     atomic_write_text(out / "report.json", json.dumps(result, indent=1, default=_json_default))
     atomic_write_text(out / "report.md", _markdown(result, plots))
     return result
@@ -261,8 +280,11 @@ def _markdown(r: dict, plots: dict[str, list[str]]) -> str:
              + (f" ({src['synthetic']})" if src.get("synthetic") else "") + "."
              + (f" Feature encoder: `{src['encoder']}`." if src.get("encoder") else ""), "",
              "| section | status |", "|---|---|"]
+    free = r.get("encoder_free", {})
     for s in SECTIONS:
         lines.append(f"| {TITLES[s]} | {'included' if s in r['sections'] else 'skipped: ' + r['skipped'][s]} |")
+        if s == "fidelity":
+            lines.append(f"| {FREE_TITLE} | {'not computed: ' + free['skipped'] if 'skipped' in free else 'included'} |")
     lines += ["", "![real and synthetic samples](samples.png)", "",
               "Sample grid: random real images above random synthetic ones"
               + (", per class." if r["samples_per_class"] else "."), ""]
@@ -271,9 +293,13 @@ def _markdown(r: dict, plots: dict[str, list[str]]) -> str:
         lines += [f"## {TITLES[s]}", ""]
         if s not in r["sections"]:
             lines += [f"Skipped: {r['skipped'][s]}.", ""]
+            if s == "fidelity":
+                lines += _md_encoder_free(free)
             continue
         body = render.get(s, _md_generic)(r["sections"][s], r["class_names"])
         lines += body + [""] + [f"![{s}]({p})" for p in plots[s]] + ([""] if plots[s] else [])
+        if s == "fidelity":
+            lines += _md_encoder_free(free)
     skipped = [s for s in SECTIONS if s not in r["sections"]]
     if skipped:
         lines += ["## Skipped sections", ""] + [f"- {TITLES[s]}: {r['skipped'][s]}" for s in skipped] + [""]
@@ -312,6 +338,24 @@ def _md_fidelity(fid: dict, names) -> list[str]:
                    "real manifold (realism); recall and coverage: how much of the real set the synthetic set "
                    "covers (diversity); density near 1 for matching sets."
                + ("" if "per_class" in fid else " Per-class rows need labels in both sets.")])
+
+
+def _md_encoder_free(free: dict) -> list[str]:
+    """The encoder-free FD table: synthetic, real-vs-real floor, blurred and stain-shifted rows."""
+    lines = [f"## {FREE_TITLE}", ""]
+    if "skipped" in free:
+        return lines + [f"Not computed: {free['skipped']}.", ""]
+    from synthgen.metrics.handcrafted import ROWS
+
+    m, floor = free["n_per_half"], free["floor"]["mean"]
+    rows = [[label, f"{_n(free[k]['mean'])} ± {_n(free[k]['std'], 2)}",
+             f"{free[k]['mean'] / floor:.2f}x" if floor > 0 else "n/a"] for k, label in ROWS]
+    return lines + _table(["set vs a random half of the real set", "FD (mean ± std over splits)", "vs floor"], rows) + [
+        "", f"{free['n_features']} hand-crafted features per image (stain deconvolution statistics, colour "
+        "histograms, LBP and GLCM texture, nuclei density and size, sharpness; no encoder), standardised with the "
+        f"real set's mean and std. Every row compares {m} images with a random half of the {free['n_real']} real "
+        f"images ({free['n_splits']} random splits), so all rows share the same small-sample bias; the floor is the "
+        f"other real half. All {free['n_synthetic']} synthetic vs all real images: FD {_n(free['fd'])}.", ""]
 
 
 def _md_utility(util: dict, names) -> list[str]:

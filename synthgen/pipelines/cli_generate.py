@@ -91,11 +91,98 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
     return GenerationPlan(embs[torch.randint(0, len(embs), (n,), generator=g)], labels, seeds, "variations")
 
 
+NO_REALISM_REFERENCE = ("no real reference images (give --realism-ref DIR|TILES.csv, or --images DIR; "
+                        "the pipeline's bank holds embeddings, not images)")
+
+
+def realism_reference(path, image_size: int):
+    """The real tiles of a realism check: a tile table (read at its own mpp and size) or an image
+    folder (resized to the model's ``image_size``, as ``--images`` references are).
+
+    Raises:
+        SynthgenError: fewer than 2 images.
+    """
+    from synthgen.data.datasets import ImageListDataset, PatchDataset
+
+    path = Path(path)
+    ds = PatchDataset(path) if path.is_file() else ImageListDataset.from_folder(path, size=image_size)
+    if len(ds) < 2:
+        raise SynthgenError(f"{path}: the realism check needs at least 2 real reference images (found {len(ds)})")
+    return ds
+
+
+def apply_realism(manifest_path, realism, reference: str) -> dict:
+    """Score every image of a ``synthgen generate`` manifest with a fitted
+    :class:`~synthgen.metrics.handcrafted.RealismFilter` and rewrite the manifest: each item gets
+    ``realism_score`` and ``realistic`` (and ``class_accepted``: the class check's verdict, where
+    it ran); ``accepted`` becomes class check passed (where it ran) and realistic; ``acceptance_rate`` is recomputed (the class check's own rate is kept as
+    ``class_acceptance_rate``) and ``realism`` summarises the check. Returns the manifest."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from synthgen._io import atomic_write_text
+
+    manifest_path = Path(manifest_path)
+    m = json.loads(manifest_path.read_text())
+    items = m["items"]
+    images = []
+    for it in items:
+        with Image.open(manifest_path.parent / it["file"]) as im:
+            images.append(np.asarray(im.convert("RGB")))
+    scores = realism.scores(images)
+    class_ok = [it["accepted"] for it in items if it["accepted"] is not None]
+    for it, score in zip(items, scores, strict=True):
+        it["realism_score"] = float(score)
+        it["realistic"] = bool(score <= realism.threshold)
+        if it["accepted"] is not None:
+            it["class_accepted"] = it["accepted"]
+        it["accepted"] = it["realistic"] and it.get("class_accepted", True)
+    m["realism"] = {"reference": reference, "n_reference": len(realism), "threshold": realism.threshold,
+                    "quantile": realism.quantile, "margin": realism.margin, "checked": len(items),
+                    "rejected": sum(not it["realistic"] for it in items),
+                    # of those: the images the class check alone would have kept
+                    "rejected_only_for_realism": sum(not it["realistic"] and it.get("class_accepted", True)
+                                                     for it in items)}
+    if class_ok:
+        m["class_acceptance_rate"] = sum(class_ok) / len(class_ok)
+    m["acceptance_rate"] = sum(it["accepted"] for it in items) / len(items)
+    atomic_write_text(manifest_path, json.dumps(m, indent=1))
+    return m
+
+
+def filter_summary(manifest: dict) -> list[str]:
+    """Printable lines on the selective filter of a ``synthgen generate`` manifest (none without one)."""
+    n, r = manifest["num_items"], manifest.get("realism")
+    ran = r is not None and "skipped" not in r
+    class_rate = manifest.get("class_acceptance_rate") if ran else manifest.get("acceptance_rate")
+    lines = [] if class_rate is None else [f"class filter: {round(class_rate * n)} of {n} nearest to their class"]
+    if r is not None and not ran:
+        lines.append(f"realism check skipped: {r['skipped']}")
+    elif ran:
+        passed = (f"{r['rejected_only_for_realism']} of them passed the class check; "
+                  if class_rate is not None else "")
+        lines.append(f"realism check: {r['rejected']} of {r['checked']} rejected as unrealistic ({passed}nearest "
+                     f"real tile further than {r['threshold']:.3g} in standardised hand-crafted features; "
+                     f"{r['n_reference']} reference tiles from {r['reference']})")
+    if lines and "acceptance_rate" in manifest:
+        lines.append(f"accepted: {round(manifest['acceptance_rate'] * n)} of {n}")
+    return lines
+
+
 def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-                 guidance, steps, sampler, seed, batch_size, masks_dir=None, controlnet=None):
+                 guidance, steps, sampler, seed, batch_size, masks_dir=None, controlnet=None, realism_ref=None):
     """``synthgen generate``. A pipeline folder may ship ``bank/`` (labelled real embeddings, the
     default for --cache when a class, the filter or a bank mode needs one) and ``prior/`` (the
     default --prior); ``label`` is a class id or a class name of the prior or bank.
+
+    ``use_filter``: the selective filter. Its class check (with a class and a labelled bank)
+    re-encodes each image and keeps it when nearest to its class; its realism check
+    (:class:`~synthgen.metrics.handcrafted.RealismFilter`) rejects images whose hand-crafted
+    features are far from every real reference tile: ``realism_ref`` (image folder or tile
+    table), else ``images_dir``; without either it is skipped and the manifest says why. With
+    a reference but no class, the realism check runs alone.
 
     ``masks_dir``: condition label maps for a mask-guided pipeline, given to the images in turn
     (image i gets mask i mod M) and written beside them as segmentation pairs; without another
@@ -140,6 +227,9 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
                                 f"({', '.join(prior_names)} vs {', '.join(names)})")
         names = prior_names or names
     label = resolve_class(label, names, "the prior" if prior is not None else "the cache")
+    if realism_ref is not None and not use_filter:
+        raise SynthgenError("--realism-ref is the reference of the filter's realism check: add --filter")
+    realism_source = (realism_ref if realism_ref is not None else images_dir) if use_filter else None
     if prior is not None and label is not None and not 0 <= label < prior.config.num_classes:
         raise SynthgenError(f"--class {label}: the prior has classes 0-{prior.config.num_classes - 1}")
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -159,12 +249,15 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     plan = build_plan(pipe, n, mode, bank, images_dir, label, prior, seed)
     if mask_files is not None:
         plan.masks = [mask_files[i % len(mask_files)] for i in range(len(plan))]
-    class_filter = encoder = None
-    if use_filter:
+    class_filter = encoder = reference = None
+    if realism_source is not None:
+        reference = realism_reference(realism_source, pipe.image_size)  # checked before generating
+    if use_filter and (label is not None or realism_source is None):
         from synthgen.pipelines.rare import ClassFilter
 
         if bank is None or label is None:
-            raise SynthgenError("--filter needs --cache (with labels) and --class")
+            raise SynthgenError("--filter needs --cache (with labels) and --class for its class check, or real "
+                                "reference images (--realism-ref, or --images) for its realism check")
         if bank[1] is None:
             raise SynthgenError(f"{cache_dir}: --filter needs labels in the cache")
         if pipe.image_encoder is None:
@@ -182,7 +275,14 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
             "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed}
     if names and label is not None:
         meta["class_name"] = names[label]
-    return merge_manifest(out, len(plan), meta)
+    if use_filter and reference is None:
+        meta["realism"] = {"skipped": NO_REALISM_REFERENCE}
+    path = merge_manifest(out, len(plan), meta)
+    if reference is not None:
+        from synthgen.metrics.handcrafted import RealismFilter
+
+        apply_realism(path, RealismFilter().fit(reference), str(realism_source))
+    return path
 
 
 def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_key, label, overlap,

@@ -9,7 +9,10 @@
 
 The selective filter re-encodes each generated image and keeps it only when its embedding is
 closer to its own class than to any other class (nearest centroid in cosine distance), and
-reports the acceptance rate.
+reports the acceptance rate. Given a fitted realism filter
+(:class:`~synthgen.metrics.handcrafted.RealismFilter`: distance to the nearest real tile in
+hand-crafted features, threshold calibrated on real tiles), it also rejects images that look
+like no real tile, and reports how many it rejected for that.
 """
 
 from __future__ import annotations
@@ -68,9 +71,12 @@ class RareClassResult:
     labels: list[int]
     seeds: list[int]
     conditions: torch.Tensor  # the embeddings the images were generated from
-    accepted: torch.Tensor  # bool (n,), all True when no filter ran
+    accepted: torch.Tensor  # bool (n,), all True when no filter ran; class check and realism check
     acceptance_rate: float
     mode: str
+    realistic: torch.Tensor | None = None  # bool (n,) of the realism check, None when it did not run
+    realism_scores: torch.Tensor | None = None  # distance to the nearest real reference tile
+    realism_rejected: int = 0  # images failing the realism check
 
     def kept(self) -> list:
         return [im for im, ok in zip(self.images, self.accepted.tolist(), strict=True) if ok]
@@ -84,13 +90,18 @@ class RareClassSynthesizer:
         bank: real embeddings (N, tokens, dim) of the training patches; labels: (N,) class ids.
         prior: an :class:`~synthgen.models.prior.EmbeddingPrior` for ``mode="prior"``.
         image_encoder: encoder of generated images for the filter (default: the pipeline's).
+        realism_filter: a fitted :class:`~synthgen.metrics.handcrafted.RealismFilter` (real
+            reference tiles at the model's scale): the filter also rejects unrealistic images.
     """
 
-    def __init__(self, pipeline, bank: torch.Tensor, labels, prior=None, image_encoder=None):
+    def __init__(self, pipeline, bank: torch.Tensor, labels, prior=None, image_encoder=None, realism_filter=None):
         self.pipe, self.bank = pipeline, bank.float()
         self.labels = torch.as_tensor(labels).long()
         self.prior, self.encoder = prior, image_encoder or pipeline.image_encoder
         self.filter = ClassFilter(self.bank, self.labels)
+        if realism_filter is not None and getattr(realism_filter, "threshold", None) is None:
+            raise ValueError("realism_filter must be fitted on real tiles first (RealismFilter().fit(images))")
+        self.realism = realism_filter
 
     def conditions(self, label: int, n: int, mode: str, generator: torch.Generator,
                    augment_views: bool = False) -> torch.Tensor:
@@ -116,7 +127,8 @@ class RareClassSynthesizer:
         Args:
             mode: ``variations``, ``prior`` or ``interpolation``.
             seed: derives the condition draws and the image seeds (seed*1_000_000 + i).
-            filter: re-encode the images and flag those not nearest to their class.
+            filter: re-encode the images and flag those not nearest to their class, and (with a
+                ``realism_filter``) those far from every real reference tile.
             reference_images: for ``variations`` from images instead of the bank: their
                 embeddings (through the pipeline's encoder) are the conditions.
         """
@@ -136,5 +148,11 @@ class RareClassSynthesizer:
             with torch.no_grad():
                 emb = torch.cat([self.encoder(out.images[i : i + batch_size]).cpu() for i in range(0, n, batch_size)])
             accepted = self.filter.accept(emb, [label] * n).cpu()
+        realistic = scores = None
+        if filter and self.realism is not None:
+            scores = torch.as_tensor(self.realism.scores(out.images), dtype=torch.float32)
+            realistic = scores <= self.realism.threshold
+            accepted = accepted & realistic
         images = self.pipe.numpy_to_pil(out.images.permute(0, 2, 3, 1).numpy())
-        return RareClassResult(images, [label] * n, seeds, conds, accepted, float(accepted.float().mean()), mode)
+        return RareClassResult(images, [label] * n, seeds, conds, accepted, float(accepted.float().mean()), mode,
+                               realistic, scores, 0 if realistic is None else int((~realistic).sum()))
