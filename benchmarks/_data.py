@@ -19,3 +19,11 @@ def cmu_split(folder: Path) -> tuple[Path, Path]:
             tiles = tile_slide(s, TileSpec(mpp=1.0, size=64, overlap=32, roi=roi), key="cmu")
         out.append(write_tile_table(tiles, Path(folder) / f"{name}.csv", {"cmu": {"path": str(SAMPLE_SLIDE)}}))
     return out[0], out[1]
+
+
+def v2_split(folder: Path, split: str = "test", mpp: float = 0.5, size: int = 128) -> Path:
+    """The tile table of one split of the default family's data definition
+    (``recipes/data/default_v2.csv``), written into ``folder``."""
+    from synthgen.data.splits import DEFAULT_SPLIT_FILE, build_split_tables
+
+    return build_split_tables(DEFAULT_SPLIT_FILE, folder, mpp=mpp, size=size, progress=False)[split]

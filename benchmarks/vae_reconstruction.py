@@ -1,9 +1,12 @@
-"""Reconstruction quality of a trained VAE on held-out real tiles: PSNR and SSIM, with a
-reference measured in the same run: bicubic 4x down- and up-sampling (16x16x3 = 768 numbers
-per 64 px tile, against the small VAE's 16x16x4 = 1024 latent numbers).
+"""Reconstruction quality of trained VAEs on held-out real tiles: PSNR, SSIM and sharpness
+(mean Laplacian variance of the reconstructions over that of the real tiles; 1 = as sharp as
+real), with references measured in the same run on the same tiles: bicubic down- and up-sampling
+by the VAE's factor, and a Gaussian blur (sigma 1 px) of the real tiles.
 
-    python benchmarks/vae_reconstruction.py runs/vae_small/model runs/data/cmu_holdout.csv
-    python benchmarks/vae_reconstruction.py   # default small pipeline's VAE, held-out third of the bundled slide
+    python benchmarks/vae_reconstruction.py runs/vae_v2/model                   # v2 test split
+    python benchmarks/vae_reconstruction.py runs/vae_v2/model --compare checkpoints/synthgen-small-cmu/vae
+    python benchmarks/vae_reconstruction.py VAE tiles.csv --grid recon.png      # any tile table
+    python benchmarks/vae_reconstruction.py                                     # shipped VAE, v2 test split
 """
 
 from __future__ import annotations
@@ -19,52 +22,66 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VAE = REPO / "checkpoints" / "synthgen-small-cmu" / "vae"
 
 
-def run(vae: Path = DEFAULT_VAE, tiles: Path | None = None, grid: Path | None = None, limit: int | None = None) -> dict:
-    """PSNR and SSIM of the VAE and of the bicubic reference, their ratios as ``summary`` rows.
+def run(vae: Path = DEFAULT_VAE, tiles: Path | None = None, grid: Path | None = None, limit: int | None = None,
+        compare: tuple[Path, ...] = ()) -> dict:
+    """Metrics of each VAE and of the references, with ``summary`` rows (VAE / reference ratios).
 
-    Without ``tiles`` the held-out third of the bundled slide is used; ``limit`` keeps the first
-    tiles only."""
+    Without ``tiles`` the test split of ``recipes/data/default_v2.csv`` (128 px at 0.5 um/px) is
+    used; ``limit`` keeps the first tiles only."""
     with tempfile.TemporaryDirectory() as tmp:
         if tiles is None:
-            from _data import cmu_split
+            from _data import v2_split
 
-            tiles = cmu_split(Path(tmp))[1]
-        return _run(argparse.Namespace(vae=Path(vae), tiles=Path(tiles), grid=grid, limit=limit))
+            tiles = v2_split(Path(tmp))
+        return _run(Path(vae), Path(tiles), grid, limit, tuple(Path(c) for c in compare))
 
 
-def _run(args) -> dict:
-    from torchmetrics.functional.image import (
-        peak_signal_noise_ratio,
-        structural_similarity_index_measure,
-    )
+def _blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    r = int(3 * sigma)
+    k = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma**2))
+    k = (k / k.sum()).to(x)
+    c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
+
+def _run(vae_path: Path, tiles: Path, grid: Path | None, limit: int | None, compare: tuple[Path, ...]) -> dict:
     from synthgen.data.datasets import PatchDataset
-    from synthgen.models.vae import VAE, reconstruction_metrics, to_uint8
+    from synthgen.models.vae import VAE, image_agreement, reconstruction_metrics, to_uint8
 
-    ds = PatchDataset(args.tiles)
-    images = torch.stack([ds[i]["image"] for i in range(min(len(ds), args.limit or len(ds)))])
-    vae = VAE.from_pretrained(args.vae).eval()
-    ours = reconstruction_metrics(vae, images)
+    ds = PatchDataset(tiles)
+    images = torch.stack([ds[i]["image"] for i in range(min(len(ds), limit or len(ds)))])
     x = images.float() / 255
-    f = vae.downscale
+    vaes = {str(p): VAE.from_pretrained(p).eval() for p in (vae_path, *compare)}
+    results = {name: reconstruction_metrics(v, images) for name, v in vaes.items()}
+    f = vaes[str(vae_path)].downscale
     low = F.interpolate(x, scale_factor=1 / f, mode="bicubic", antialias=True, align_corners=False)
-    up = F.interpolate(low, size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-    up = (up * 255).round() / 255
-    ref = {"psnr": float(peak_signal_noise_ratio(up, x, data_range=1.0)),
-           "ssim": float(structural_similarity_index_measure(up, x, data_range=1.0))}
-    result = {"tiles": len(images), "size": images.shape[-1], "downscale": f, "latent_channels": vae.latent_channels,
-              "vae": ours, "bicubic": ref,
-              "summary": [{"measure": f"reconstruction {name}, {len(images)} held-out tiles",
-                           "reference": f"bicubic {f}x down/up", "reference_value": ref[key],
-                           "synthgen_value": ours[key], "ratio": ours[key] / ref[key]}
-                          for key, name in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"))]}
-    if args.grid:
+    up = F.interpolate(low, size=x.shape[-2:], mode="bicubic", align_corners=False)
+    as_uint8 = lambda t: (t.clamp(0, 1) * 255).round().to(torch.uint8)  # noqa: E731
+    refs = {f"bicubic {f}x down/up": image_agreement(as_uint8(up), images),
+            "Gaussian blur sigma 1 px": image_agreement(as_uint8(_blur(x)), images)}
+    ours = results[str(vae_path)]
+    bicubic = refs[f"bicubic {f}x down/up"]
+    summary = [{"measure": f"reconstruction {name}, {len(images)} held-out tiles",
+                "reference": f"bicubic {f}x down/up", "reference_value": bicubic[key],
+                "synthgen_value": ours[key], "ratio": ours[key] / bicubic[key]}
+               for key, name in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"))]
+    summary.append({"measure": f"reconstruction sharpness, {len(images)} held-out tiles",
+                    "reference": "real tiles (1.0)", "reference_value": 1.0,
+                    "synthgen_value": ours["sharpness_ratio"], "ratio": ours["sharpness_ratio"]})
+    result = {"tiles": len(images), "size": images.shape[-1], "table": str(tiles), "downscale": f,
+              "latent_channels": vaes[str(vae_path)].latent_channels, "vae": ours, "bicubic": bicubic,
+              "vaes": results, "references": refs, "summary": summary}
+    if grid:
         from synthgen.training.tasks import _save_grid
 
         n = min(8, len(images))
+        pick = torch.linspace(0, len(images) - 1, n).long()
+        rows = [images[pick]]
         with torch.no_grad():
-            rec = to_uint8(vae.decode(vae.encode(images[:n])))
-        _save_grid(torch.cat([images[:n], rec]), args.grid, nrow=n)
+            rows += [to_uint8(v.decode(v.encode(images[pick]))) for v in vaes.values()]
+        _save_grid(torch.cat(rows), grid, nrow=n)
     return result
 
 
@@ -72,15 +89,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("vae", type=Path, nargs="?", default=DEFAULT_VAE, help="VAE folder (diffusers AutoencoderKL layout)")
     ap.add_argument("tiles", type=Path, nargs="?", default=None,
-                    help="tile table of held-out tiles (default: right third of the bundled slide)")
-    ap.add_argument("--grid", type=Path, default=None, help="write a PNG: originals above reconstructions")
+                    help="tile table of held-out tiles (default: test split of recipes/data/default_v2.csv)")
+    ap.add_argument("--compare", type=Path, nargs="*", default=(), help="more VAE folders, measured on the same tiles")
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="write a PNG: originals, then each VAE's reconstructions (one row per VAE)")
+    ap.add_argument("--limit", type=int, default=None, help="first N tiles only")
     args = ap.parse_args()
-    r = run(args.vae, args.tiles, args.grid)
-    f, ours, ref = r["downscale"], r["vae"], r["bicubic"]
-    print(f"{r['tiles']} held-out tiles, {r['size']} px; VAE latents {r['latent_channels']}x"
-          f"{r['size'] // f}x{r['size'] // f}")
-    print(f"VAE reconstruction:          PSNR {ours['psnr']:.2f} dB   SSIM {ours['ssim']:.3f}")
-    print(f"bicubic {f}x down/up (ref):   PSNR {ref['psnr']:.2f} dB   SSIM {ref['ssim']:.3f}")
+    r = run(args.vae, args.tiles, args.grid, args.limit, tuple(args.compare))
+    print(f"{r['tiles']} held-out tiles, {r['size']} px ({r['table']})")
+    print(f"{'':44s} {'PSNR dB':>8s} {'SSIM':>6s} {'sharpness':>9s}")
+    for name, m in {**r["vaes"], **r["references"]}.items():
+        print(f"{name[-44:]:44s} {m['psnr']:8.2f} {m['ssim']:6.3f} {m['sharpness_ratio']:9.3f}")
     if args.grid:
         print(f"grid -> {args.grid}")
 

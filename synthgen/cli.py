@@ -725,9 +725,11 @@ def run_recipe(recipe, dry_run, overrides):
 
 
 def _register_groups() -> None:
+    from synthgen.cli_data import splits
     from synthgen.cli_masks import eval_masks, masks_group
     from synthgen.cli_stain import add_stain, eval_stain, pairs, stain
 
+    cli.add_command(splits)
     cli.add_command(masks_group)
     cli.add_command(stain)
     cli.add_command(pairs)

@@ -159,6 +159,9 @@ class DataConfig:
     tiles: str | None = None
     images: str | None = None
     size: int | None = None  # resize folder images to this square size
+    crop: int | None = None  # VAE/SSL: train on every crop of this side (grid step crop_stride) of each tile
+    crop_stride: int | None = None
+    dihedral: bool = False  # with crop: each crop in its 8 rotations/mirrors
     embedding_key: str = "emb"
     use_labels: bool = False  # class-conditional denoiser: read "label" from the cache/dataset
     mask_key: str = "mask"  # controlnet: the cache entry holding label maps
@@ -171,6 +174,10 @@ class DataConfig:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
         _positive("data.size", self.size)
+        _positive("data.crop", self.crop)
+        _positive("data.crop_stride", self.crop_stride)
+        if self.crop is None and (self.crop_stride is not None or self.dihedral):
+            raise ConfigError("data.crop_stride, data.dihedral: need data.crop")
 
 
 @dataclass(frozen=True)
@@ -188,12 +195,26 @@ class ObjectiveConfig:
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     cfg_dropout: float = 0.1  # probability of replacing a condition by the learned null
     kl_weight: float = 1e-6  # VAE only
+    # VAE only, the sharpness terms (synthgen.models.discriminator): L1 on image gradients, L1 on
+    # log Fourier amplitudes, and a PatchGAN hinge loss whose generator term starts at
+    # adversarial_start (the discriminator trains from step 0)
+    gradient_weight: float = 0.0
+    frequency_weight: float = 0.0
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0
+    disc_width: int = 32
+    disc_layers: int = 3
     temperature: float = 0.2  # SSL only
 
     def __post_init__(self):
         _positive("objective.num_train_timesteps", self.num_train_timesteps)
         if not 0 <= self.cfg_dropout < 1:
             raise ConfigError(f"objective.cfg_dropout: must be in [0, 1), got {self.cfg_dropout}")
+        for name in ("kl_weight", "gradient_weight", "frequency_weight", "adversarial_weight", "adversarial_start"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"objective.{name}: must be >= 0, got {getattr(self, name)}")
+        _positive("objective.disc_width", self.disc_width)
+        _positive("objective.disc_layers", self.disc_layers)
 
 
 @dataclass(frozen=True)

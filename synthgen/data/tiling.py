@@ -39,6 +39,8 @@ class TileSpec:
         min_object_um2: tissue fragments smaller than this area (square microns) are dropped.
         roi: keep only tiles inside this box (x0, y0, x1, y1), given as fractions of the slide's
             width and height; e.g. (0, 0, 0.67, 1) for training and (0.67, 0, 1, 1) held out.
+        align_to_roi: lay the grid from the roi's top-left corner instead of the slide's, so that a
+            narrow box (a region split) is filled from its edge.
     """
 
     mpp: float = 0.5
@@ -48,6 +50,7 @@ class TileSpec:
     mask_mpp: float | None = None
     min_object_um2: float = 5_000.0
     roi: tuple[float, float, float, float] | None = None
+    align_to_roi: bool = False
 
     def __post_init__(self):
         _check(self.mpp > 0 and math.isfinite(self.mpp), "mpp", self.mpp, "a positive number of microns per pixel")
@@ -148,14 +151,15 @@ def tile_slide(slide: Slide, spec: TileSpec, key: str | None = None) -> list[Til
     rx0, ry0, rx1, ry1 = (0.0, 0.0, 1.0, 1.0) if spec.roi is None else spec.roi
     f = slide.mpp / tmpp  # level-0 px -> thumbnail px
     tiles = []
-    ny = int((H0 - tile_l0) // stride_l0) + 1 if H0 >= tile_l0 else 0
-    nx = int((W0 - tile_l0) // stride_l0) + 1 if W0 >= tile_l0 else 0
+    ox, oy = (math.ceil(rx0 * W0), math.ceil(ry0 * H0)) if spec.align_to_roi else (0, 0)
+    ny = int((H0 - oy - tile_l0) // stride_l0) + 1 if H0 - oy >= tile_l0 else 0
+    nx = int((W0 - ox - tile_l0) // stride_l0) + 1 if W0 - ox >= tile_l0 else 0
     for j in range(ny):
-        y = int(round(j * stride_l0))
+        y = oy + int(round(j * stride_l0))
         y0, y1 = int(math.floor(y * f)), max(int(math.floor(y * f)) + 1, int(math.ceil((y + tile_l0) * f)))
         y1 = min(y1, mask.shape[0])
         for i in range(nx):
-            x = int(round(i * stride_l0))
+            x = ox + int(round(i * stride_l0))
             x0, x1 = int(math.floor(x * f)), max(int(math.floor(x * f)) + 1, int(math.ceil((x + tile_l0) * f)))
             x1 = min(x1, mask.shape[1])
             area = (y1 - y0) * (x1 - x0)

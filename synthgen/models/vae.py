@@ -140,35 +140,70 @@ class VAE(nn.Module):
 
 
 def vae_loss(vae: VAE, images: torch.Tensor, kl_weight: float = 1e-6,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction + KL objective of an autoencoder (LDM, Rombach et al. 2022, eq. 25 without GAN/LPIPS).
+             generator: torch.Generator | None = None, *, gradient_weight: float = 0.0,
+             frequency_weight: float = 0.0, return_images: bool = False) -> tuple[torch.Tensor, dict]:
+    """Reconstruction + KL objective of an autoencoder (LDM, Rombach et al. 2022, eq. 25; the
+    adversarial term is added by the training task, :mod:`synthgen.models.discriminator`).
 
-    L1 on pixels in [-1, 1] plus ``kl_weight`` x KL(q(z|x) || N(0, I)) averaged per element.
+    L1 on pixels in [-1, 1] plus ``kl_weight`` x KL(q(z|x) || N(0, I)) averaged per element, plus
+    ``gradient_weight`` x L1 of image gradients and ``frequency_weight`` x L1 of log Fourier
+    amplitudes (both penalise blur).
 
     Returns:
-        The loss and its parts as floats (for logging).
+        The loss and its parts as floats (for logging); with ``return_images`` also
+        ``parts["images"] = (target, reconstruction)`` in [-1, 1], the reconstruction with its graph.
     """
+    from synthgen.models.discriminator import frequency_loss, gradient_loss
+
     x = to_model_range(images).to(vae.device, vae.dtype)
     dist = vae.model.encode(x).latent_dist
     recon = vae.model.decode(dist.sample(generator)).sample
     l1 = F.l1_loss(recon, x)
     kl = 0.5 * (dist.mean**2 + dist.var - 1.0 - dist.logvar).mean()
     loss = l1 + kl_weight * kl
-    return loss, {"l1": float(l1.detach()), "kl": float(kl.detach())}
+    parts: dict = {"l1": float(l1.detach()), "kl": float(kl.detach())}
+    if gradient_weight:
+        g = gradient_loss(recon, x)
+        loss = loss + gradient_weight * g
+        parts["gradient"] = float(g.detach())
+    if frequency_weight:
+        f = frequency_loss(recon, x)
+        loss = loss + frequency_weight * f
+        parts["frequency"] = float(f.detach())
+    if return_images:
+        parts["images"] = (x, recon)
+    return loss, parts
+
+
+def laplacian_variance(images: torch.Tensor) -> torch.Tensor:
+    """Sharpness of each image: the variance of the 3x3 Laplacian of its grey level in [0, 1].
+
+    A blurred copy of an image scores lower; the ratio of reconstructions to originals says how
+    much detail an autoencoder loses (1 = as sharp as the real tiles)."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    return F.conv2d(grey, k).flatten(1).var(1)
 
 
 @torch.no_grad()
 def reconstruction_metrics(vae: VAE, images: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
-    """PSNR (dB) and SSIM of ``decode(encode(images))`` against ``images`` (uint8), in [0, 1] range."""
+    """PSNR (dB), SSIM and sharpness ratio (mean :func:`laplacian_variance` of the reconstructions
+    over that of the originals) of ``decode(encode(images))`` against ``images`` (uint8)."""
+    recons = []
+    for i in range(0, len(images), batch_size):
+        recons.append(to_uint8(vae.decode(vae.encode(images[i : i + batch_size]))).cpu())
+    return image_agreement(torch.cat(recons), images.cpu())
+
+
+def image_agreement(recon: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB), SSIM and sharpness ratio of uint8 ``recon`` against uint8 ``images``."""
     from torchmetrics.functional.image import (
         peak_signal_noise_ratio,
         structural_similarity_index_measure,
     )
 
-    recons = []
-    for i in range(0, len(images), batch_size):
-        recons.append(to_uint8(vae.decode(vae.encode(images[i : i + batch_size]))).cpu())
-    a = torch.cat(recons).float() / 255
-    b = images.cpu().float() / 255
+    a, b = recon.float() / 255, images.float() / 255
     return {"psnr": float(peak_signal_noise_ratio(a, b, data_range=1.0)),
-            "ssim": float(structural_similarity_index_measure(a, b, data_range=1.0))}
+            "ssim": float(structural_similarity_index_measure(a, b, data_range=1.0)),
+            "sharpness_ratio": float(laplacian_variance(a).mean() / laplacian_variance(b).mean().clamp_min(1e-12))}

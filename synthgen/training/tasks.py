@@ -23,14 +23,19 @@ log = logging.getLogger("synthgen.training")
 
 
 def image_dataset(cfg: TrainConfig) -> Dataset:
-    """Images from ``data.tiles`` (a tile table) or ``data.images`` (a folder)."""
-    from synthgen.data.datasets import ImageListDataset, PatchDataset
+    """Images from ``data.tiles`` (a tile table) or ``data.images`` (a folder), as crops of
+    ``data.crop`` px when it is set."""
+    from synthgen.data.datasets import CropViews, ImageListDataset, PatchDataset
 
     if cfg.data.tiles:
-        return PatchDataset(cfg.data.tiles)
-    if cfg.data.images:
-        return ImageListDataset.from_folder(cfg.data.images, size=cfg.data.size)
-    raise ConfigError(f"data: task {cfg.task!r} needs data.tiles (a tile table) or data.images (a folder)")
+        ds = PatchDataset(cfg.data.tiles)
+    elif cfg.data.images:
+        ds = ImageListDataset.from_folder(cfg.data.images, size=cfg.data.size)
+    else:
+        raise ConfigError(f"data: task {cfg.task!r} needs data.tiles (a tile table) or data.images (a folder)")
+    if cfg.data.crop:
+        ds = CropViews(ds, cfg.data.crop, cfg.data.crop_stride, dihedral=cfg.data.dihedral)
+    return ds
 
 
 def _save_grid(images_uint8: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -51,6 +56,12 @@ def _save_grid(images_uint8: torch.Tensor, path: Path, nrow: int = 8) -> None:
 
 class Task(nn.Module):
     net: nn.Module
+    step: int = 0  # the optimisation step being computed; the training loop sets it
+
+    def aux_parameters(self) -> list[nn.Parameter]:
+        """Trained parameters that are not part of ``net`` (not saved, not averaged); e.g. a
+        discriminator."""
+        return []
 
     def dataset(self) -> Dataset:
         raise NotImplementedError
@@ -291,7 +302,9 @@ def _merged_state_dict(net) -> dict:
 
 # -- VAE -----------------------------------------------------------------------------------
 class VAETask(Task):
-    """Autoencoder with reconstruction (L1) + KL loss; latents calibrated to unit variance at save."""
+    """Autoencoder with reconstruction (L1) + KL loss, optionally the sharpness terms (gradient,
+    frequency and PatchGAN losses, see :mod:`synthgen.models.discriminator`); latents calibrated to
+    unit variance at save."""
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
@@ -312,6 +325,15 @@ class VAETask(Task):
                 part = getattr(self.net.model, name, None)
                 if part is not None:
                     part.requires_grad_(False)
+        o = cfg.objective
+        self.disc = None
+        if o.adversarial_weight > 0:
+            from synthgen.models.discriminator import PatchDiscriminator
+
+            self.disc = PatchDiscriminator(width=o.disc_width, num_layers=o.disc_layers)
+
+    def aux_parameters(self) -> list[nn.Parameter]:
+        return [] if self.disc is None else list(self.disc.parameters())
 
     def dataset(self) -> Dataset:
         return image_dataset(self.cfg)
@@ -319,7 +341,18 @@ class VAETask(Task):
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         from synthgen.models.vae import vae_loss
 
-        loss, _ = vae_loss(self.net, batch["image"], self.cfg.objective.kl_weight, generator)
+        o = self.cfg.objective
+        loss, parts = vae_loss(self.net, batch["image"], o.kl_weight, generator,
+                               gradient_weight=o.gradient_weight, frequency_weight=o.frequency_weight,
+                               return_images=self.disc is not None)
+        if self.disc is not None:
+            from synthgen.models.discriminator import generator_adversarial_loss, hinge_d_loss
+
+            x, recon = parts["images"]
+            # the discriminator trains from the start, on detached reconstructions
+            loss = loss + hinge_d_loss(self.disc(x), self.disc(recon.detach()))
+            if self.step >= o.adversarial_start:
+                loss = loss + o.adversarial_weight * generator_adversarial_loss(self.disc, recon)
         return loss
 
     @torch.no_grad()

@@ -175,7 +175,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
         raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} per process is more than the "
                           f"{len(dataset) // world} samples each of the {world} process(es) gets")
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    aux = task.aux_parameters()  # e.g. a discriminator: optimised, never saved with the model or averaged
+    optimizer = torch.optim.AdamW([{"params": params}, {"params": aux}] if aux else params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     lr_sched = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                              num_training_steps=cfg.steps)
@@ -218,6 +219,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
             for batch in loader:
                 with acc.accumulate(task):
                     g = step_generator(cfg.seed, state.step * cfg.optim.grad_accum + micro, rank)
+                    unwrapped.step = state.step
                     loss = task(batch, g)
                     if not torch.isfinite(loss):
                         raise SynthgenError(f"loss is {float(loss)} at step {state.step}: lower optim.lr, check the "

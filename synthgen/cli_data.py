@@ -1,0 +1,39 @@
+"""``synthgen splits``: a split file -> one tile table per split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("splits")
+@click.argument("split_file", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for train.csv, val.csv, test.csv (tile tables with source/label/group columns, "
+                   "each with its private .slides.json) and summary.json.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
+              help="Resolution of the tiles in microns per pixel.")
+@click.option("--size", type=click.IntRange(min=1), default=128, show_default=True, help="Tile side in pixels.")
+@click.option("--train-overlap", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Overlap of neighbouring training tiles in pixels (validation and test tiles never overlap).")
+def splits(split_file, out, mpp, size, train_overlap):
+    """Tile every image of SPLIT_FILE into disjoint train / val / test tile tables.
+
+    SPLIT_FILE is a CSV with one row per source image or slide region: path (relative to the
+    CSV), source, label, group (the unit that never crosses splits), mpp, split, roi, min_tissue;
+    see synthgen/data/splits.py. The default family's is recipes/data/default_v2.csv.
+
+    Example: synthgen splits recipes/data/default_v2.csv -o runs/data/v2 --train-overlap 64
+    """
+    import json
+
+    from synthgen.data.splits import build_split_tables
+
+    if train_overlap >= size:
+        raise click.BadParameter(f"must be smaller than --size {size}", param_hint="--train-overlap")
+    tables = build_split_tables(split_file, out, mpp=mpp, size=size, train_overlap=train_overlap)
+    counts = json.loads((Path(out) / "summary.json").read_text())["tiles"]
+    for split, path in tables.items():
+        by_source = ", ".join(f"{k} {v}" for k, v in counts[split].items())
+        click.echo(f"{split}: {sum(counts[split].values())} tiles ({by_source}) -> {path}")
