@@ -163,7 +163,8 @@ class DataConfig:
     crop_stride: int | None = None
     dihedral: bool = False  # with crop: each crop in its 8 rotations/mirrors
     embedding_key: str = "emb"
-    use_labels: bool = False  # class-conditional denoiser: read "label" from the cache/dataset
+    use_labels: bool = False  # class-conditional denoiser: read "label" from the cache/dataset (-1: unlabelled)
+    use_source: bool = False  # source-conditional denoiser: read "source" (tissue-source id) from the cache
     mask_key: str = "mask"  # controlnet: the cache entry holding label maps
     target_cache: str | None = None  # translator: the target-stain cache paired item by item with ``cache``
     vae: str | None = None  # VAE folder: on-the-fly latents and decoded sample grids
@@ -193,7 +194,12 @@ class ObjectiveConfig:
     timesteps: Literal["uniform", "logit_normal"] = "uniform"
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    cfg_dropout: float = 0.1  # probability of replacing a condition by the learned null
+    cfg_dropout: float = 0.1  # probability of replacing all conditions together by their learned nulls
+    # denoiser with several conditions: each is also replaced by its own null alone, independently,
+    # with these probabilities (on top of cfg_dropout), so guidance can drop each one at sampling
+    cfg_dropout_embeddings: float = 0.0
+    cfg_dropout_labels: float = 0.0
+    cfg_dropout_sources: float = 0.0
     kl_weight: float = 1e-6  # VAE only
     # VAE only, the sharpness terms (synthgen.models.discriminator): L1 on image gradients, L1 on
     # log Fourier amplitudes, and a PatchGAN hinge loss whose generator term starts at
@@ -208,8 +214,9 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         _positive("objective.num_train_timesteps", self.num_train_timesteps)
-        if not 0 <= self.cfg_dropout < 1:
-            raise ConfigError(f"objective.cfg_dropout: must be in [0, 1), got {self.cfg_dropout}")
+        for name in ("cfg_dropout", "cfg_dropout_embeddings", "cfg_dropout_labels", "cfg_dropout_sources"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"objective.{name}: must be in [0, 1), got {getattr(self, name)}")
         for name in ("kl_weight", "gradient_weight", "frequency_weight", "adversarial_weight", "adversarial_start"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name}: must be >= 0, got {getattr(self, name)}")

@@ -2,14 +2,18 @@
 
 A cache is a folder::
 
-    config.json             what was encoded and how (checked on every rerun), class names
-    shard-00000.safetensors one tensor per encoder (n, ...), plus "index" and "label"
+    config.json             what was encoded and how (checked on every rerun), class and source names
+    shard-00000.safetensors one tensor per encoder (n, ...), plus "index", "label" and "source"
     shard-00001.safetensors
     index.json              written last: shard list, item counts, sha256 of each shard
 
 Shards are written to a temporary file and renamed, so a killed run leaves only whole shards;
 a rerun with the same configuration skips them. ``index.json`` exists only once every shard
 is done, and :class:`CacheDataset` refuses a cache without it.
+
+A labelled tile table (``synthgen splits``) is cached through :class:`LabelledTiles`: ``label``
+holds the class id (-1 for a tile without a class) and ``source`` the tissue-source id, with
+their names in ``config.json`` (``classes``, ``sources``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +50,7 @@ def build_cache(
     fingerprint: Mapping | None = None,
     classes: list[str] | None = None,
     progress: bool = True,
+    sources: list[str] | None = None,
 ) -> Path:
     """Encode every item of ``dataset`` with every encoder into sharded safetensors files.
 
@@ -64,6 +69,8 @@ def build_cache(
             table's hash and the encoder checkpoints); a rerun with other facts refuses.
         classes: names of the label ids 0, 1, ... (stored in config.json; :attr:`CacheDataset.classes`).
         progress: show a progress bar.
+        sources: names of the ``source`` ids 0, 1, ... (:attr:`CacheDataset.sources`); default:
+            the dataset's ``sources`` attribute, if any (:class:`LabelledTiles`).
 
     Returns:
         The cache folder.
@@ -94,6 +101,10 @@ def build_cache(
     }
     if classes is not None:
         config["classes"] = list(classes)
+    if sources is None:
+        sources = getattr(dataset, "sources", None)
+    if sources is not None:
+        config["sources"] = list(sources)
     config_file = out / "config.json"
     if config_file.exists():
         old = json.loads(config_file.read_text())
@@ -116,6 +127,7 @@ def build_cache(
         loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers)
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoders}
         labels: list[torch.Tensor] = []
+        source_ids: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         with torch.inference_mode():
             for batch in loader:
@@ -134,6 +146,8 @@ def build_cache(
                     parts[name].append(feats.detach().to("cpu", dtype if feats.is_floating_point() else feats.dtype))
                 if "label" in batch:
                     labels.append(torch.as_tensor(batch["label"]).long())
+                if "source" in batch:
+                    source_ids.append(torch.as_tensor(batch["source"]).long())
                 if "mask" in batch:  # the dataset's own label maps (GeoJSON, label-map files)
                     masks.append(torch.as_tensor(batch["mask"]).to(torch.int32))
                 bar.update(len(images))
@@ -141,6 +155,8 @@ def build_cache(
         tensors["index"] = torch.arange(lo, hi, dtype=torch.long)
         if labels:
             tensors["label"] = torch.cat(labels)
+        if source_ids:
+            tensors["source"] = torch.cat(source_ids)
         if masks and "mask" not in tensors:
             tensors["mask"] = torch.cat(masks)
         tmp = out / f".shard-{s:05d}.tmp-{os.getpid()}"
@@ -193,6 +209,7 @@ class CacheDataset(Dataset):
 
     Attributes:
         classes: names of the label ids when the cache was built with them, else None.
+        sources: names of the source ids when the cache was built with them, else None.
 
     Raises:
         CacheError: no ``index.json`` (the cache is unfinished) or a shard is missing.
@@ -210,7 +227,8 @@ class CacheDataset(Dataset):
             raise CacheError(f"{self.root}: cache has no {', '.join(unknown)} (has {', '.join(self.index['keys'])})")
         self.keys = list(keys) if keys is not None else list(self.index["keys"])
         config_file = self.root / "config.json"
-        self.classes = json.loads(config_file.read_text()).get("classes") if config_file.exists() else None
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self.classes, self.sources = config.get("classes"), config.get("sources")
         self._starts = []
         total = 0
         for s in self.index["shards"]:
@@ -246,7 +264,7 @@ class CacheDataset(Dataset):
         s, j = self._locate(i)
         f = self._handle(s)
         item = {k: f.get_slice(k)[j : j + 1][0] for k in self.keys}
-        for k in ("index", "label"):
+        for k in ("index", "label", "source"):
             if k in item:
                 item[k] = int(item[k])
         return item
@@ -261,3 +279,75 @@ class CacheDataset(Dataset):
         for s in self.index["shards"]:
             if sha256_file(self.root / s["file"]) != s["sha256"]:
                 raise CacheError(f"{self.root / s['file']}: checksum differs from index.json (modified or corrupt)")
+
+
+class LabelledTiles(Dataset):
+    """A labelled tile table (from ``synthgen splits``) as :class:`~synthgen.data.PatchDataset`
+    items plus ``label`` (class id, -1 where the table's label is empty) and ``source`` ids.
+
+    The names come from the table's data definition when the ``summary.json`` beside it names
+    a split file that still exists (so the train, val and test caches of one definition share
+    their ids), else from the table itself; both sorted.
+
+    Args:
+        table: a tile table with ``source`` and ``label`` columns.
+        slides: as for :class:`~synthgen.data.PatchDataset` (default: the table's ``.slides.json``).
+        classes, sources: the names of the ids, to share them with another cache; a table value
+            not among them raises.
+
+    Attributes:
+        classes, sources: names of the label / source ids (what :func:`build_cache` stores).
+
+    Raises:
+        CacheError: the table has no label columns, or holds a class/source not in the names.
+    """
+
+    def __init__(self, table: str | os.PathLike, slides: Mapping | None = None,
+                 classes: Sequence[str] | None = None, sources: Sequence[str] | None = None):
+        from synthgen.data.datasets import PatchDataset
+        from synthgen.data.splits import read_tile_labels
+        from synthgen.errors import SynthgenError
+
+        try:
+            rows = read_tile_labels(table)
+        except SynthgenError as e:
+            raise CacheError(str(e)) from e
+        known = _definition_vocabulary(Path(table))
+        self.classes = list(classes) if classes is not None else known.get("label") or sorted(
+            {r["label"] for r in rows if r["label"]})
+        self.sources = list(sources) if sources is not None else known.get("source") or sorted(
+            {r["source"] for r in rows})
+        ids = {"label": {n: i for i, n in enumerate(self.classes)}, "source": {n: i for i, n in enumerate(self.sources)}}
+        for col in ("label", "source"):
+            unknown = sorted({r[col] for r in rows if r[col] and r[col] not in ids[col]})
+            if unknown:
+                raise CacheError(f"{table}: {col} {', '.join(unknown[:5])} not among the names given "
+                                 f"({', '.join(ids[col])})")
+        self.labels = torch.tensor([ids["label"].get(r["label"], -1) for r in rows], dtype=torch.long)
+        self.source_ids = torch.tensor([ids["source"][r["source"]] for r in rows], dtype=torch.long)
+        self.tiles = PatchDataset(table, slides=slides)
+        if len(self.tiles) != len(rows):
+            raise CacheError(f"{table}: {len(self.tiles)} tiles but {len(rows)} label rows")
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.tiles[i]
+        item["label"], item["source"] = int(self.labels[i]), int(self.source_ids[i])
+        return item
+
+
+def _definition_vocabulary(table: Path) -> dict[str, list[str]]:
+    """Sorted label and source names of the split file that ``summary.json`` beside ``table``
+    names ({} when there is none)."""
+    import csv
+
+    summary = table.parent / "summary.json"
+    try:
+        split_file = Path(json.loads(summary.read_text())["split_file"])
+        with open(split_file, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {col: sorted({r.get(col) or "" for r in rows} - {""}) for col in ("label", "source")}

@@ -6,19 +6,26 @@ how the cross-attention sequence is built from conditions:
 
 - **embedding tokens** (B, N, C) from an image encoder (UNI-style), with a sin-cos positional
   embedding when N > 1 (PixCell-1024 uses a 4x4 grid of crops: N = 16);
-- **class labels** (B,) through a learned class table, one token;
+- **class labels** (B,) through a learned class table, one token (e.g. the Kather tissue class);
+- **source labels** (B,) through a second learned table, one token (the dataset / tissue source
+  a tile comes from: scanner, stain protocol and organ travel with it);
 - **text tokens** (B, T, C_text) projected to C.
 
-All tokens share PixArt's caption MLP. Each condition kind has a learned null value stored in
-the model (``caption_projection.uncond_embedding`` for embeddings, as in PixCell; the extra
-last row of ``class_embedding``; ``uncond_text``) so classifier-free guidance needs nothing
-outside the weights. With only embedding tokens the module names and the forward pass are
-exactly those of PixCell's ``PixCellTransformer2DModel``, so its checkpoints load as they are.
+The sequence is ``[embedding tokens, class token, source token, text tokens]`` (each part only
+when the model has it). All tokens share PixArt's caption MLP. Each condition kind has its own
+learned null value stored in the model (``caption_projection.uncond_embedding`` for embeddings,
+as in PixCell; the extra last row of ``class_embedding`` and of ``source_embedding``;
+``uncond_text``), so classifier-free guidance can drop each one independently and needs nothing
+outside the weights. Label -1 means "unknown": it selects the null row, so unlabelled tiles train
+the null class and only labelled tiles train the class rows. With only embedding tokens the
+module names and the forward pass are exactly those of PixCell's ``PixCellTransformer2DModel``,
+so its checkpoints load as they are (and configs without the newer fields load unchanged).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -28,6 +35,8 @@ from diffusers.models.transformers.pixart_transformer_2d import PixArtTransforme
 from torch import nn
 
 from synthgen.models.loading import StrictLoadMixin
+
+_LABEL_KEYS = ("class_labels", "source_labels")  # integer conditions: their nulls are ids, not values
 
 
 def condition_pos_embed(dim: int, grid: int, base_size: int, interpolation_scale: float, phase: float) -> torch.Tensor:
@@ -83,7 +92,11 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         use_embeddings: condition on embedding tokens (False for class- or text-only models;
             ``caption_channels`` then only sets the width of the class/text tokens).
         num_classes: number of class labels (0: no class conditioning). Label ``num_classes``
-            (or -1) is the null class used for guidance.
+            (or -1) is the null class used for guidance and for unlabelled tiles.
+        num_sources: number of source labels (0: no source conditioning); ``num_sources`` or -1
+            is the null source. A model with sources samples the null source when none is given.
+        class_names, source_names: names of the class / source ids (stored in the config so
+            that pipelines accept names; from the feature cache when training).
         text_channels: width of text-encoder tokens (None: no text conditioning).
         text_num_tokens: text tokens per prompt.
         cond_interpolation_scale: scale of the embedding-token positional embedding (PixCell: 2).
@@ -123,14 +136,20 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         text_channels: int | None = None,
         text_num_tokens: int = 1,
         cond_interpolation_scale: float = 2.0,
+        num_sources: int = 0,
+        class_names: list[str] | None = None,
+        source_names: list[str] | None = None,
     ):
         if caption_channels is None:
             raise ValueError("Denoiser needs caption_channels (the width of the condition tokens)")
         inner = num_attention_heads * attention_head_dim
         if cross_attention_dim != inner:
             raise ValueError(f"cross_attention_dim ({cross_attention_dim}) must equal heads x head_dim ({inner})")
-        if not (use_embeddings or num_classes or text_channels):
-            raise ValueError("Denoiser needs at least one condition: embeddings, classes or text")
+        if not (use_embeddings or num_classes or num_sources or text_channels):
+            raise ValueError("Denoiser needs at least one condition: embeddings, classes, sources or text")
+        for what, names, n in (("class_names", class_names, num_classes), ("source_names", source_names, num_sources)):
+            if names is not None and len(names) != n:
+                raise ValueError(f"{what} has {len(names)} names for {n} ids")
         super().__init__(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
             in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, dropout=dropout,
@@ -152,6 +171,9 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         self.class_embedding = nn.Embedding(num_classes + 1, caption_channels) if num_classes else None
         if self.class_embedding is not None:
             nn.init.normal_(self.class_embedding.weight, std=caption_channels**-0.5)
+        self.source_embedding = nn.Embedding(num_sources + 1, caption_channels) if num_sources else None
+        if self.source_embedding is not None:
+            nn.init.normal_(self.source_embedding.weight, std=caption_channels**-0.5)
         if text_channels:
             self.text_projection = nn.Linear(text_channels, caption_channels)
             self.uncond_text = nn.Parameter(torch.randn(text_num_tokens, text_channels) / text_channels**0.5)
@@ -168,26 +190,34 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
             out["embeddings"] = e.to(device or e.device, dtype or e.dtype).expand(batch_size, -1, -1)
         if cfg.num_classes:
             out["class_labels"] = torch.full((batch_size,), cfg.num_classes, dtype=torch.long, device=device)
+        if cfg.num_sources:
+            out["source_labels"] = torch.full((batch_size,), cfg.num_sources, dtype=torch.long, device=device)
         if cfg.text_channels:
             t = self.uncond_text
             out["text"] = t.to(device or t.device, dtype or t.dtype).expand(batch_size, -1, -1)
         return out
 
-    def drop_conditions(self, drop: torch.Tensor, **conditions: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def drop_conditions(self, drop: torch.Tensor | Mapping[str, torch.Tensor],
+                        **conditions: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Replace the conditions of the samples where ``drop`` (B,) is True by the null ones.
 
-        Used for guidance dropout in training and to build mixed conditional/unconditional
-        batches at sampling time.
+        ``drop`` is one mask for every condition, or a mapping condition name (``embeddings``,
+        ``class_labels``, ``source_labels``, ``text``) -> mask, so that each condition is dropped
+        independently (a condition the mapping does not name is kept). Used for guidance
+        dropout in training and to build mixed conditional/unconditional batches at sampling time.
         """
-        drop = drop.bool()
-        null = self.null_conditions(len(drop), device=drop.device)
         out = {}
         for key, value in conditions.items():
             if value is None:
                 continue
-            nv = null[key].to(value.dtype) if key != "class_labels" else null[key]
-            mask = drop.view(-1, *([1] * (value.ndim - 1)))
-            out[key] = torch.where(mask, nv, value)
+            d = drop.get(key) if isinstance(drop, Mapping) else drop
+            if d is None:
+                out[key] = value
+                continue
+            d = d.bool()
+            nv = self.null_conditions(len(d), device=d.device)[key]
+            nv = nv if key in _LABEL_KEYS else nv.to(value.dtype)
+            out[key] = torch.where(d.view(-1, *([1] * (value.ndim - 1))), nv, value)
         return out
 
     def condition_tokens(
@@ -196,8 +226,11 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         class_labels: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         batch_size: int | None = None,
+        source_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Build the (B, L, caption_channels) sequence the caption MLP projects.
+
+        A model with sources uses the null source for ``source_labels=None``.
 
         Raises:
             ValueError: a condition the model needs is missing or has the wrong shape.
@@ -222,6 +255,17 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
                 raise ValueError(f"class labels must be in [0, {cfg.num_classes}) (or -1/{cfg.num_classes} for null), "
                                  f"got max {int(labels.max())}")
             parts.append(self.class_embedding(labels)[:, None])
+        if cfg.num_sources:
+            ns = cfg.num_sources
+            if source_labels is None:
+                b = parts[0].shape[0] if parts else (text.shape[0] if text is not None else batch_size)
+                if b is None:
+                    raise ValueError(f"this Denoiser is conditioned on {ns} sources: pass source_labels (B,)")
+                source_labels = torch.full((b,), ns, dtype=torch.long, device=self.source_embedding.weight.device)
+            sources = torch.where(source_labels < 0, ns, source_labels.long())
+            if (sources > ns).any():
+                raise ValueError(f"source labels must be in [0, {ns}) (or -1/{ns} for null), got max {int(sources.max())}")
+            parts.append(self.source_embedding(sources)[:, None])
         if cfg.text_channels:
             if text is None:
                 raise ValueError("this Denoiser is conditioned on text: pass text (B, T, C_text)")
@@ -240,6 +284,7 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         class_labels: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        source_labels: torch.Tensor | None = None,
         added_cond_kwargs: dict | None = None,
         cross_attention_kwargs: dict | None = None,
         return_dict: bool = True,
@@ -252,7 +297,7 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         """
         if embeddings is None:
             embeddings = encoder_hidden_states
-        tokens = self.condition_tokens(embeddings, class_labels, text)
+        tokens = self.condition_tokens(embeddings, class_labels, text, source_labels=source_labels)
         if timestep.ndim == 0:
             timestep = timestep.expand(hidden_states.shape[0])
         if self.use_additional_conditions and added_cond_kwargs is None:

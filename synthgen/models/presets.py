@@ -16,6 +16,12 @@ _DENOISERS: dict[str, dict[str, Any]] = {
     # CPU default: 16x16x4 latents of the small VAE (64 px tiles), small SSL encoder's 128-d tokens
     "small": dict(num_layers=8, num_attention_heads=6, attention_head_dim=32, in_channels=4, out_channels=4,
                   sample_size=16, patch_size=2, caption_channels=128),
+    # v2 CPU default: 32x32x4 latents of the v2 VAE (128 px tiles at 0.5 um/px), patch 4 -> 64
+    # image tokens (patch 2, 256 tokens, measured 5x slower per step on CPU); 4 condition tokens (a
+    # 2x2 grid of 64 px crops through the 128-d SSL encoder), plus a class and a tissue-source
+    # token when trained with labels (their numbers and names come from the cache)
+    "small-v2": dict(num_layers=8, num_attention_heads=6, attention_head_dim=32, in_channels=4, out_channels=4,
+                     sample_size=32, patch_size=4, caption_channels=128, caption_num_tokens=4),
     # PixArt-XL/2 (28 x 1152), 16-channel SD3.5 latents, learned variance (out = 2 x in), UNI2-h (1536)
     "pixcell-256": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=16,
                         out_channels=32, sample_size=32, patch_size=2, caption_channels=1536,

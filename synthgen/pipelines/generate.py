@@ -1,9 +1,9 @@
 """The generation pipeline: one diffusers ``DiffusionPipeline`` folder holding the denoiser, the
 VAE, the scheduler and (optionally) the image encoder, text encoder and tokenizer.
 
-It samples from embeddings, from reference images (encoded on the fly), from class labels or
-from text, with classifier-free guidance and one seed per image, so any single image can be
-regenerated exactly from its seed and condition.
+It samples from embeddings, from reference images (encoded on the fly), from class labels,
+tissue-source labels or text, alone or jointly, with classifier-free guidance and one seed per
+image, so any single image can be regenerated exactly from its seed and condition.
 """
 
 from __future__ import annotations
@@ -101,8 +101,14 @@ class SynthPipeline(DiffusionPipeline):
         with torch.no_grad():
             return enc(list(prompts)).float()
 
-    def _conditions(self, embeddings, images, class_labels, prompts, image_encoder) -> tuple[dict, int]:
+    def _conditions(self, embeddings, images, class_labels, prompts, image_encoder, labels=None,
+                    sources=None) -> tuple[dict, int]:
         cfg = self.transformer.config
+        if labels is not None:
+            if class_labels is not None:
+                raise ValueError("give labels= or class_labels=, not both")
+            if not cfg.num_classes:
+                raise ValueError("this model is not class-conditional")
         conds: dict[str, torch.Tensor] = {}
         n = None
         if images is not None:
@@ -130,6 +136,14 @@ class SynthPipeline(DiffusionPipeline):
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             conds["text"] = self.encode_prompts(prompts)
             n = _same(n, len(prompts), "prompts")
+        if labels is not None:
+            conds["class_labels"] = _label_ids(labels, cfg.class_names, "labels", n)
+            n = _same(n, len(conds["class_labels"]), "labels")
+        if sources is not None:
+            if not cfg.num_sources:
+                raise ValueError("this model is not conditioned on sources")
+            conds["source_labels"] = _label_ids(sources, cfg.source_names, "sources", n)
+            n = _same(n, len(conds["source_labels"]), "sources")
         missing = [k for k, need in (("embeddings or images", cfg.use_embeddings),
                                      ("class_labels", cfg.num_classes), ("prompts", cfg.text_channels))
                    if need and not any(c in conds for c in _KEYS[k])]
@@ -158,15 +172,33 @@ class SynthPipeline(DiffusionPipeline):
         masks=None,
         controlnet_conditioning_scale: float = 1.0,
         return_dict: bool = True,
+        labels=None,
+        sources=None,
+        guide: Sequence[str] | None = None,
     ):
         """Generate ``num_images_per_condition`` images for each condition.
+
+        Conditions combine: a model trained on embeddings, classes and sources takes all three
+        jointly (``images=tiles, labels=["TUMOR", None], sources="kather2016"``).
 
         Args:
             embeddings: (N, tokens, dim) or (N, dim) condition embeddings.
             images: reference images, encoded with the image encoder (variations of them).
             class_labels: (N,) class ids (-1 for the unconditional/null class).
             prompts: N text prompts.
-            guidance_scale: classifier-free guidance (1 = the conditional model alone).
+            labels: class names or ids, N of them or one for all (None, "" or -1: the null
+                class, "any class"); the names are the model's ``class_names``. Instead of
+                ``class_labels``.
+            sources: tissue-source names or ids (the model's ``source_names``), N or one; a
+                model with sources samples the null source ("any source") without them.
+            guidance_scale: classifier-free guidance (1 = the conditional model alone). It pushes
+                from the prediction with every condition at its learned null towards the one
+                with all given conditions, jointly: eps = eps(null) + s (eps(emb, label, source)
+                - eps(null)); a condition not given is null in both passes (no push).
+            guide: the conditions guidance pushes towards (``embeddings``, ``labels``,
+                ``sources``, ``prompts``; default: all). The others stay in both passes, so e.g.
+                ``guide=["labels"]`` strengthens the class while following the embeddings at
+                scale 1. A mask is always in both passes.
             guidance_interval: (lo, hi) fractions of the trajectory where guidance applies;
                 outside it the unconditional pass is skipped (faster; see ``sample_latents``).
             seeds: one per output image (N x num_images_per_condition); default: drawn from
@@ -193,18 +225,19 @@ class SynthPipeline(DiffusionPipeline):
         model = self.transformer
         if masks is not None:
             mask_t, model = self._masks(masks)
-            if embeddings is None and images is None and class_labels is None and prompts is None:
+            if all(c is None for c in (embeddings, images, class_labels, prompts, labels, sources)):
                 conds, n = self.transformer.null_conditions(len(mask_t)), len(mask_t)
                 guidance_scale = 1.0  # the condition is the null one: guidance would do nothing
             else:
-                conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder)
+                conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder, labels, sources)
             conds["mask"] = mask_t
             n = _same(n, len(mask_t), "masks")
             model.conditioning_scale = controlnet_conditioning_scale
         else:
-            conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder)
+            conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder, labels, sources)
         if n is None:
             raise ValueError("give at least one condition (embeddings, images, class_labels or prompts)")
+        guided = _guided_keys(guide)
         total = n * num_images_per_condition
         conds = {k: v.repeat_interleave(num_images_per_condition, dim=0) for k, v in conds.items()}
         seeds = _seeds(seeds, total, generator)
@@ -217,7 +250,7 @@ class SynthPipeline(DiffusionPipeline):
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
             part = {k: v[lo:hi].to(device) for k, v in conds.items()}
             z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
-                               guidance_interval=guidance_interval)
+                               guidance_interval=guidance_interval, guide=guided)
             if output_type == "latent":
                 latents.append(z.cpu())
             else:
@@ -275,6 +308,42 @@ class SynthPipeline(DiffusionPipeline):
 
 
 _KEYS = {"embeddings or images": ("embeddings",), "class_labels": ("class_labels",), "prompts": ("text",)}
+
+
+_GUIDE = {"embeddings": "embeddings", "images": "embeddings", "labels": "class_labels",
+          "class_labels": "class_labels", "sources": "source_labels", "prompts": "text"}
+
+
+def _guided_keys(guide) -> set[str] | None:
+    if guide is None:
+        return None
+    guide = [guide] if isinstance(guide, str) else list(guide)
+    bad = [g for g in guide if g not in _GUIDE]
+    if bad:
+        raise ValueError(f"guide: unknown condition(s) {', '.join(map(str, bad))}; choose from {', '.join(_GUIDE)}")
+    return {_GUIDE[g] for g in guide}
+
+
+def _label_ids(values, names, what: str, n: int | None) -> torch.Tensor:
+    """Names or ids (None, "" or negative: the null id -1) -> int64 ids; a single value is
+    repeated for ``n`` conditions."""
+    if isinstance(values, torch.Tensor | np.ndarray):
+        values = values.tolist()
+    scalar = not isinstance(values, list | tuple)
+    values = [values] * (n or 1) if scalar else list(values)
+    index = {name: i for i, name in enumerate(names or [])}
+    ids = []
+    for v in values:
+        if v is None or v == "":
+            ids.append(-1)
+        elif isinstance(v, str):
+            if v not in index:
+                known = f"one of {', '.join(index)}" if index else "ids: this model stores no names"
+                raise ValueError(f"{what}: unknown name {v!r} (give {known})")
+            ids.append(index[v])
+        else:
+            ids.append(int(v))
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _same(n, m, name):

@@ -7,7 +7,7 @@ inputs as one batch: eps = eps_u + s (eps_c - eps_u). Guidance scale 1 skips the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -58,6 +58,7 @@ def sample_latents(
     latent_size: int | None = None,
     guidance_interval: tuple[float, float] | None = None,
     progress: bool = False,
+    guide: Collection[str] | None = None,
 ) -> torch.Tensor:
     """Denoise from per-sample noise to clean latents.
 
@@ -73,6 +74,9 @@ def sample_latents(
             (0 = first, noisiest step; 1 = last) lies in [lo, hi]; other steps run the
             conditional model alone, saving the unconditional pass (Kynkaanniemi et al. 2024
             found guidance at the noisiest and the final steps hurts diversity and helps little).
+        guide: the conditions set to their nulls in the unconditional half (default: every
+            condition that has a null, i.e. guidance towards the joint condition). The others
+            stay in both halves, so guidance pushes towards the listed ones given the rest.
 
     Returns:
         Latents (B, C, H, W) in the VAE's normalised space.
@@ -89,7 +93,8 @@ def sample_latents(
     guided = guidance_scale != 1.0
     if guided:
         null = model.null_conditions(B, device=p.device)
-        # conditions without a null (a mask) are kept in both halves: guidance acts on the others
+        # conditions without a null (a mask) or not guided are kept in both halves: guidance acts on the others
+        null = {k: v for k, v in null.items() if guide is None or k in guide}
         both = {k: torch.cat([v, null.get(k, v).to(v.dtype)]) for k, v in conditions.items() if v is not None}
     n = len(scheduler.timesteps)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):

@@ -78,7 +78,14 @@ class Task(nn.Module):
 
 # -- denoiser ------------------------------------------------------------------------------
 class DenoiserTask(Task):
-    """Latent diffusion denoiser on cached (or on-the-fly) latents and condition embeddings."""
+    """Latent diffusion denoiser on cached (or on-the-fly) latents and condition embeddings.
+
+    With ``data.use_labels`` / ``data.use_source`` a new model is conditioned on the cache's class
+    and source ids too (``num_classes`` / ``num_sources`` and the names from the cache, unless
+    ``model.overrides`` sets them). Unlabelled items (label -1) train the null class. Guidance
+    dropout replaces all conditions together with ``objective.cfg_dropout`` and each one alone
+    with ``objective.cfg_dropout_embeddings`` / ``_labels`` / ``_sources``.
+    """
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
@@ -103,10 +110,11 @@ class DenoiserTask(Task):
             net = Denoiser.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "transformer"))
             if m.sample_size and m.sample_size != net.config.sample_size:
                 net = net.resized(m.sample_size)
+            self._check_names(net)
         else:
             if self.cfg.lora.rank:
                 raise ConfigError("lora.rank: LoRA fine-tunes a pretrained denoiser; set model.pretrained")
-            net = Denoiser(**denoiser_config(m.preset, **m.overrides))
+            net = Denoiser(**denoiser_config(m.preset, **{**self._cache_conditions(), **m.overrides}))
         if self.cfg.lora.rank:
             try:
                 from peft import LoraConfig, inject_adapter_in_model
@@ -118,6 +126,36 @@ class DenoiserTask(Task):
                               init_lora_weights="gaussian", target_modules=list(self.cfg.lora.target_modules))
             net = inject_adapter_in_model(lora, net)
         return net
+
+    def _cache_names(self) -> tuple[list | None, list | None]:
+        d = self.cfg.data
+        if not d.cache or not (d.use_labels or d.use_source):
+            return None, None
+        from synthgen.data.cache import CacheDataset
+
+        c = CacheDataset(d.cache)
+        return (c.classes if d.use_labels else None), (c.sources if d.use_source else None)
+
+    def _cache_conditions(self) -> dict:
+        """Class / source conditioning of a new denoiser, from the cache's names."""
+        classes, sources = self._cache_names()
+        if self.cfg.data.use_source and self.cfg.data.cache and not sources:
+            raise ConfigError(f"data.use_source: the cache {self.cfg.data.cache} has no source names (cache a "
+                              "labelled tile table from `synthgen splits`)")
+        out = {}
+        if classes:
+            out.update(num_classes=len(classes), class_names=list(classes))
+        if sources:
+            out.update(num_sources=len(sources), source_names=list(sources))
+        return out
+
+    def _check_names(self, net) -> None:
+        """A pretrained denoiser must name its ids as the cache does."""
+        classes, sources = self._cache_names()
+        for what, have, want in (("class", net.config.class_names, classes), ("source", net.config.source_names, sources)):
+            if have is not None and want is not None and list(have) != list(want):
+                raise ConfigError(f"data.cache: the cache's {what} names {list(want)} differ from the pretrained "
+                                  f"model's {list(have)}")
 
     @property
     def vae(self):
@@ -135,11 +173,15 @@ class DenoiserTask(Task):
             from synthgen.data.cache import CacheDataset
 
             keys = ["latents"] + ([d.embedding_key] if self.net.config.use_embeddings else [])
-            keys += ["label"] if d.use_labels else []
+            keys += (["label"] if d.use_labels else []) + (["source"] if d.use_source else [])
             return CacheDataset(d.cache, keys=keys)
         if not (d.vae and (d.encoder or not self.net.config.use_embeddings)):
             raise ConfigError("data.cache: missing; without a feature cache the denoiser needs data.vae and "
                               "data.encoder to encode images on the fly (run `synthgen cache` first for speed)")
+        if d.tiles and (d.use_labels or d.use_source) and not d.crop:
+            from synthgen.data.cache import LabelledTiles
+
+            return LabelledTiles(d.tiles)
         return image_dataset(self.cfg)
 
     def _encoder_fn(self):
@@ -173,8 +215,31 @@ class DenoiserTask(Task):
         if cfg.num_classes:
             if "label" not in batch:
                 raise ConfigError("data.use_labels: the denoiser is class-conditional but batches carry no 'label'")
-            conds["class_labels"] = torch.as_tensor(batch["label"]).to(device)
+            conds["class_labels"] = torch.as_tensor(batch["label"]).to(device)  # -1 (unlabelled): the null class
+        if cfg.num_sources:
+            if "source" not in batch:
+                raise ConfigError("data.use_source: the denoiser is source-conditional but batches carry no 'source'")
+            conds["source_labels"] = torch.as_tensor(batch["source"]).to(device)
         return x0.float(), conds
+
+    def _drops(self, n: int, conds: dict, generator: torch.Generator, device) -> dict | torch.Tensor | None:
+        """Guidance-dropout masks: all conditions with ``cfg_dropout``, then each alone with its own
+        probability (no extra draws when those are 0, so older configs train exactly as before)."""
+        o = self.cfg.objective
+        each = {"embeddings": o.cfg_dropout_embeddings, "class_labels": o.cfg_dropout_labels,
+                "source_labels": o.cfg_dropout_sources}
+        if not (o.cfg_dropout > 0 or any(each[k] > 0 for k in conds if k in each)):
+            return None
+        every = (torch.rand(n, generator=generator) < o.cfg_dropout) if o.cfg_dropout > 0 else torch.zeros(n, dtype=torch.bool)
+        if not any(each[k] > 0 for k in conds if k in each):
+            return every.to(device)
+        drops = {}
+        for key in ("embeddings", "class_labels", "source_labels", "text"):
+            if key in conds:
+                q = each.get(key, 0.0)
+                alone = (torch.rand(n, generator=generator) < q) if q > 0 else torch.zeros(n, dtype=torch.bool)
+                drops[key] = (every | alone).to(device)
+        return drops
 
     def model(self, net) -> nn.Module:
         """What the objective and the sampler call: the trained net itself."""
@@ -184,9 +249,8 @@ class DenoiserTask(Task):
         device = next(self.net.parameters()).device
         x0, conds = self.conditions(batch, device)
         model = self.model(self.net)
-        p = self.cfg.objective.cfg_dropout
-        if p > 0:
-            drop = (torch.rand(len(x0), generator=generator) < p).to(device)
+        drop = self._drops(len(x0), conds, generator, device)
+        if drop is not None:
             conds = model.drop_conditions(drop, **conds)
         return self.objective.loss(model, x0, conds, generator)
 
@@ -266,7 +330,8 @@ class ControlNetTask(DenoiserTask):
         from synthgen.data.cache import CacheDataset
 
         d = self.cfg.data
-        return CacheDataset(d.cache, keys=["latents", d.embedding_key, d.mask_key] + (["label"] if d.use_labels else []))
+        keys = ["latents", d.embedding_key, d.mask_key] + (["label"] if d.use_labels else [])
+        return CacheDataset(d.cache, keys=keys + (["source"] if d.use_source else []))
 
     @property
     def denoiser(self) -> nn.Module:
