@@ -185,7 +185,12 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
         dataset = ImageListDataset.from_csv(source, **kw)
     else:
         slides = json.loads(slides_json.read_text()) if slides_json else None
-        dataset = PatchDataset(source, slides=slides)
+        if _is_labelled_table(source):  # from `synthgen splits`: keep class and tissue-source ids
+            from synthgen.data.cache import LabelledTiles
+
+            dataset = LabelledTiles(source, slides=slides)
+        else:
+            dataset = PatchDataset(source, slides=slides)
     fingerprint = {"source": _file_digest(source) if source.is_file() else f"folder:{len(dataset)}",
                    "encoders": dict(sorted((spec.partition('=')[0], spec.partition('=')[2]) for spec in encoders)),
                    "size": size}
@@ -201,6 +206,17 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
     build_cache(dataset, out, fns, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
                 dtype=getattr(torch, dtype), fingerprint=fingerprint, classes=getattr(dataset, "classes", None))
     click.echo(f"{len(dataset)} items cached -> {out}")
+
+
+def _is_labelled_table(path: Path) -> bool:
+    """A CSV tile table with the label columns of ``synthgen splits``."""
+    from synthgen.data.splits import LABEL_COLUMNS
+
+    if path.suffix != ".csv":
+        return False
+    with open(path, newline="") as f:
+        header = f.readline().strip().split(",")
+    return set(LABEL_COLUMNS) <= set(header)
 
 
 def _is_image_csv(path: Path) -> bool:

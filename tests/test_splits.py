@@ -89,3 +89,25 @@ def test_splits_cli(cmu, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["splits", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "u")])
     assert e.value.code == 1 and "missing.csv: no such split file" in capsys.readouterr().err
+
+
+def test_cache_cli_keeps_class_and_source_of_a_labelled_table(data_dir, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from synthgen.cli import main
+    from synthgen.models.vae import VAE
+
+    tables = build_split_tables(DEFAULT_SPLIT_FILE, tmp_path / "t", mpp=0.5, size=128, progress=False)
+    VAE.from_preset("tiny").save_pretrained(tmp_path / "vae")
+    main(["cache", str(tables["test"]), "-o", str(tmp_path / "c"), "-e", f"latents=vae:{tmp_path / 'vae'}",
+          "--crop", "64", "--crop-stride", "64"])
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert "TUMOR" in config["classes"] and "monuseg" in config["sources"]
+    shard = load_file(sorted((tmp_path / "c").glob("shard-*.safetensors"))[0])
+    labels, rows = shard["label"], read_tile_labels(tables["test"])
+    first = rows[0]  # 4 crops per 128 px tile, in table order
+    expect = config["classes"].index(first["label"]) if first["label"] else -1
+    assert labels[:4].tolist() == [expect] * 4
+    assert shard["source"][:4].tolist() == [config["sources"].index(first["source"])] * 4

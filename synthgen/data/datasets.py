@@ -279,6 +279,7 @@ class CropViews(Dataset):
         self.offsets = [(y, x) for y in range(0, h - size + 1, stride) for x in range(0, w - size + 1, stride)]
         self.views = 8 if dihedral else 1
         self.classes = getattr(dataset, "classes", None)
+        self.sources = getattr(dataset, "sources", None)
 
     def __len__(self) -> int:
         return len(self.dataset) * len(self.offsets) * self.views
