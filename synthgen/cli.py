@@ -149,8 +149,11 @@ def _write_preview(slide, spec, tiles, path: Path) -> None:
               help="DataLoader worker processes reading images.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Storage dtype of the features.")
+@click.option("--force", is_flag=True,
+              help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
+                   "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
 def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_stride, dihedral, shard_size,
-          batch_size, num_workers, dtype):
+          batch_size, num_workers, dtype, force):
     """Encode SOURCE (a tile table from `synthgen tile`, an image folder, or a CSV of images with
     columns path[,label]) into a feature cache. Labels (ImageFolder sub-folders, CSV label column)
     and class names are kept.
@@ -204,7 +207,8 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
     elif crop_stride or dihedral:
         raise click.UsageError("--crop-stride and --dihedral need --crop")
     build_cache(dataset, out, fns, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
-                dtype=getattr(torch, dtype), fingerprint=fingerprint, classes=getattr(dataset, "classes", None))
+                dtype=getattr(torch, dtype), fingerprint=fingerprint, classes=getattr(dataset, "classes", None),
+                force=force)
     click.echo(f"{len(dataset)} items cached -> {out}")
 
 
@@ -243,7 +247,10 @@ def _file_digest(path: Path) -> str:
 @click.option("--stop-at", type=click.IntRange(min=1), default=None, metavar="STEP",
               help="Checkpoint and stop at this step (for time-limited jobs); continue later with --resume latest.")
 @click.option("--print-config", is_flag=True, help="Print the validated config (with defaults) and exit.")
-def train(config, overrides, resume, stop_at, print_config):
+@click.option("--force", is_flag=True,
+              help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
+                   "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
+def train(config, overrides, resume, stop_at, print_config, force):
     """Train a model (denoiser, controlnet, vae, ssl, prior or translator) from a YAML CONFIG.
 
     Runs on one process, or on many under `accelerate launch` / `torchrun` (DDP; FSDP through an
@@ -261,7 +268,7 @@ def train(config, overrides, resume, stop_at, print_config):
         return
     from synthgen.training.trainer import train as run_training
 
-    result = run_training(cfg, resume=resume, stop_at=stop_at)
+    result = run_training(cfg, resume=resume, stop_at=stop_at, force=force)
     if result.interrupted and stop_at is not None and result.step >= stop_at:
         click.echo(f"stopped at step {result.step} as asked; continue with: synthgen train {config or ''} --resume latest")
         return
@@ -314,22 +321,29 @@ def train(config, overrides, resume, stop_at, print_config):
                    "mask i mod M; each mask is saved beside its image (segmentation pairs).")
 @click.option("--controlnet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Mask branch folder to use instead of the pipeline's own controlnet/.")
+@click.option("--force", is_flag=True,
+              help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
+                   "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
 def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-             realism_ref, guidance, steps, sampler, seed, batch_size, masks_dir, controlnet):
+             realism_ref, guidance, steps, sampler, seed, batch_size, masks_dir, controlnet, force):
     """Generate a synthetic dataset with PIPELINE (a SynthPipeline folder).
 
     Splits across processes under `accelerate launch` / `torchrun` (each writes its own share;
     rank 0 merges manifest.json). Every image's seed and condition are recorded, so any item can
-    be regenerated alone.
+    be regenerated alone. A second `synthgen generate` into the same OUT is refused while the
+    first runs (OUT/.synthgen.lock; under torchrun / accelerate only rank 0 takes it).
     """
     import json
+    import os
 
+    from synthgen._io import OutputLock
     from synthgen.pipelines.cli_generate import filter_summary, run_generate
 
-    path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
-                        embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
-                        use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
-                        batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref)
+    with OutputLock(out, "generate", force=force, enabled=int(os.environ.get("RANK", "0")) == 0):
+        path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
+                            embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
+                            use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
+                            batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref)
     if path is not None:
         click.echo(f"{num_images} images -> {out} (manifest: {path})")
         if use_filter:
@@ -659,8 +673,9 @@ def _image_set(folder: Path, size: int | None):
               help="Refuse the export when more than this fraction of items is flagged.")
 @click.option("--allow-risk", is_flag=True, help="Export even when the audit flags too many items (recorded).")
 @click.option("--drop-flagged", is_flag=True, help="Remove flagged items from the export.")
+@click.option("--force", is_flag=True, help="Take over the lock (.OUT.lock beside OUT) of another export to OUT.")
 def export(source, out, fmt, class_names, drop_rejected, licence, audit_against, audit_encoder, audit_threshold,
-           max_flagged, allow_risk, drop_flagged):
+           max_flagged, allow_risk, drop_flagged, force):
     """Export SOURCE (a `synthgen generate` output) as a shareable dataset with manifest.json
     (per-item sha256, model hash, seeds, condition kinds) and DATASHEET.md. Images are re-encoded
     from pixels; no source names, metadata or embeddings are included."""
@@ -677,7 +692,8 @@ def export(source, out, fmt, class_names, drop_rejected, licence, audit_against,
     elif drop_flagged or allow_risk:
         raise click.UsageError("--drop-flagged and --allow-risk need --audit-against")
     path = export_dataset(source, out, fmt, class_names=names, drop_rejected=drop_rejected, licence=licence,
-                          audit=audit, max_flagged=max_flagged, allow_risk=allow_risk, drop_flagged=drop_flagged)
+                          audit=audit, max_flagged=max_flagged, allow_risk=allow_risk, drop_flagged=drop_flagged,
+                          force=force)
     click.echo(f"exported ({fmt}) -> {path}")
 
 
@@ -757,8 +773,28 @@ def _register_groups() -> None:
 _register_groups()
 
 
+def os_error_message(e: OSError) -> str:
+    """``FILE: problem`` for an OS error (``FILE -> OTHER`` for a rename), never a bare ``: ``."""
+    what = e.strerror or str(e)
+    if e.filename is None:
+        return what
+    where = str(e.filename) + (f" -> {e.filename2}" if getattr(e, "filename2", None) else "")
+    return f"{where}: {what}"
+
+
+def _error(message: str) -> None:
+    """Print a one-line error (with the traceback when -v was given) and exit with status 1."""
+    if logging.getLogger("synthgen").isEnabledFor(logging.INFO):  # -v: show where it came from
+        import traceback
+
+        traceback.print_exc()
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the CLI and turns synthgen errors into one-line messages."""
+    """Entry point: runs the CLI and turns synthgen errors, invalid values of config objects
+    (``ValueError``) and OS errors into one-line messages; ``-v`` also prints the traceback."""
     try:
         cli.main(args=argv, prog_name="synthgen", standalone_mode=False)
     except click.exceptions.Abort:
@@ -768,11 +804,11 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except SynthgenError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+        _error(str(e))
+    except ValueError as e:  # a config object's own range check (e.g. TileSpec): name it, no traceback
+        _error(f"invalid value: {e}")
     except OSError as e:  # disk full, permission denied: name the file
-        click.echo(f"Error: {e.filename or ''}: {e.strerror or e}", err=True)
-        sys.exit(1)
+        _error(os_error_message(e))
 
 
 if __name__ == "__main__":

@@ -33,3 +33,7 @@ class StainError(SynthgenError):
 
 class RegistrationError(SynthgenError):
     """Two sections cannot be registered (too few or degenerate landmarks, no tissue to align)."""
+
+
+class LockError(SynthgenError):
+    """Another live process holds the lock of an output folder (see :class:`synthgen._io.OutputLock`)."""

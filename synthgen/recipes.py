@@ -129,6 +129,9 @@ class Recipe:
     evaluate: EvaluateStep | None = None
 
     def __post_init__(self):
+        for name in STEPS:
+            if getattr(self, name) is not None:
+                _check_ranges(name, getattr(self, name))
         if not any(getattr(self, s) for s in STEPS):
             raise ConfigError(f"recipe {self.name!r}: no steps (give at least one of: {', '.join(STEPS)})")
         if self.cache and not self.tile:
@@ -147,6 +150,46 @@ class Recipe:
             raise ConfigError("rare.label: required (a class id or name of the pipeline's bank/prior)")
         if self.generate and self.generate.mode in ("variations", "interpolation") and not self.cache:
             raise ConfigError(f"generate.mode: {self.generate.mode!r} draws real embeddings from a cache step")
+
+
+def _positive(v) -> bool:
+    return v > 0 and v == v and v != float("inf")  # not NaN, not inf
+
+
+_FRACTION = (lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+_COUNT = (lambda v: v >= 1, "an integer >= 1")
+_POSITIVE = (_positive, "a positive number")
+# the range of each numeric field of each step (types and choices are checked by from_dict)
+_RANGES = {
+    TileStep: {"mpp": (_positive, "a positive number of microns per pixel"), "size": _COUNT,
+               "overlap": (lambda v: v >= 0, "an integer >= 0"), "min_tissue": _FRACTION, "slide_mpp": _POSITIVE},
+    CacheStep: {"batch_size": _COUNT, "shard_size": _COUNT},
+    GenerateStep: {"n": _COUNT, "steps": _COUNT, "batch_size": _COUNT},
+    PairedStep: {"n": _COUNT, "steps": _COUNT, "batch_size": _COUNT, "diameter_um": _POSITIVE,
+                 "density": (lambda v: 0 < v <= 1, "a fraction in (0, 1]")},
+    StainStep: {"n": _COUNT, "steps": _COUNT},
+    ExportStep: {"audit_threshold": _POSITIVE, "max_flagged": _FRACTION},
+    EvaluateStep: {"bootstrap": (lambda v: v >= 0, "an integer >= 0")},
+}
+
+
+def _check_ranges(name: str, step) -> None:
+    """Range checks of one step, at load (so ``--dry-run`` catches them); messages name ``step.field``."""
+    for fld, (ok, what) in _RANGES.get(type(step), {}).items():
+        v = getattr(step, fld)
+        if v is not None and not ok(v):
+            raise ConfigError(f"{name}.{fld}: must be {what}, got {v}")
+    if isinstance(step, TileStep):
+        if step.overlap >= step.size:
+            raise ConfigError(f"{name}.overlap: must be smaller than {name}.size ({step.size}), got {step.overlap}")
+        r = step.roi
+        if r is not None and not (len(r) == 4 and 0 <= r[0] < r[2] <= 1 and 0 <= r[1] < r[3] <= 1):
+            raise ConfigError(f"{name}.roi: must be [x0, y0, x1, y1] fractions with 0 <= x0 < x1 <= 1 and "
+                              f"0 <= y0 < y1 <= 1, got {list(r)}")
+        if not step.slides:
+            raise ConfigError(f"{name}.slides: give at least one slide file or folder")
+    if isinstance(step, CacheStep) and not step.encoders:
+        raise ConfigError(f"{name}.encoders: give at least one NAME: SPEC")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

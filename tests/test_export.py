@@ -112,5 +112,8 @@ def test_export_errors(generated, tmp_path):
         export_dataset(generated / "gen0", tmp_path / "a")
     with pytest.raises(SynthgenError, match="unknown export format"):
         export_dataset(generated / "gen0", tmp_path / "b", "zip")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SynthgenError, match="no manifest.json"):
-        export_dataset(tmp_path, tmp_path / "c")
+        export_dataset(tmp_path / "empty", tmp_path / "c")
+    with pytest.raises(SynthgenError, match="inside the export's source"):
+        export_dataset(generated / "gen0", generated / "gen0" / "sub")

@@ -65,5 +65,9 @@ class ItemCache:
 
         f = self.path(seed, index)
         tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # unique per writer
-        save_file({"image": image.contiguous()}, tmp)
-        os.replace(tmp, f)
+        try:
+            save_file({"image": image.contiguous()}, tmp)
+            os.replace(tmp, f)
+        except BaseException:  # full disk, Ctrl-C: leave no partial file
+            tmp.unlink(missing_ok=True)
+            raise

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from synthgen._io import atomic_write_text, sha256_file
+from synthgen._io import OutputLock, atomic_path, atomic_write_text, sha256_file
 from synthgen.errors import CacheError
 
 FORMAT_VERSION = 1
@@ -51,6 +51,7 @@ def build_cache(
     classes: list[str] | None = None,
     progress: bool = True,
     sources: list[str] | None = None,
+    force: bool = False,
 ) -> Path:
     """Encode every item of ``dataset`` with every encoder into sharded safetensors files.
 
@@ -71,6 +72,7 @@ def build_cache(
         progress: show a progress bar.
         sources: names of the ``source`` ids 0, 1, ... (:attr:`CacheDataset.sources`); default:
             the dataset's ``sources`` attribute, if any (:class:`LabelledTiles`).
+        force: take over the folder's lock (``.synthgen.lock``) even when its owner looks alive.
 
     Returns:
         The cache folder.
@@ -78,6 +80,7 @@ def build_cache(
     Raises:
         CacheError: the folder holds a cache of another configuration, or an encoder
             returned NaN/Inf (the message names the encoder and the items).
+        LockError: another live process is writing this cache folder.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -88,83 +91,86 @@ def build_cache(
         raise CacheError(f"build_cache: shard_size and batch_size must be positive (got {shard_size}, {batch_size})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = len(dataset)
-    if n == 0:
-        raise CacheError("build_cache: the dataset is empty")
-    config = {
-        "format_version": FORMAT_VERSION,
-        "num_items": n,
-        "shard_size": shard_size,
-        "encoders": sorted(encoders),
-        "dtype": str(dtype).removeprefix("torch."),
-        "fingerprint": dict(fingerprint or {}),
-    }
-    if classes is not None:
-        config["classes"] = list(classes)
-    if sources is None:
-        sources = getattr(dataset, "sources", None)
-    if sources is not None:
-        config["sources"] = list(sources)
-    config_file = out / "config.json"
-    if config_file.exists():
-        old = json.loads(config_file.read_text())
-        if old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise CacheError(
-                f"{out}: holds a cache built with another configuration (differs in: {', '.join(diff)}); "
-                "use a new folder or delete this one"
-            )
-    else:
-        atomic_write_text(config_file, json.dumps(config, indent=1, sort_keys=True))
-    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    lock = OutputLock(out, "cache", force=force).acquire()  # one writer per cache folder
+    try:
+        n = len(dataset)
+        if n == 0:
+            raise CacheError("build_cache: the dataset is empty")
+        config = {
+            "format_version": FORMAT_VERSION,
+            "num_items": n,
+            "shard_size": shard_size,
+            "encoders": sorted(encoders),
+            "dtype": str(dtype).removeprefix("torch."),
+            "fingerprint": dict(fingerprint or {}),
+        }
+        if classes is not None:
+            config["classes"] = list(classes)
+        if sources is None:
+            sources = getattr(dataset, "sources", None)
+        if sources is not None:
+            config["sources"] = list(sources)
+        config_file = out / "config.json"
+        if config_file.exists():
+            old = json.loads(config_file.read_text())
+            if old != config:
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise CacheError(
+                    f"{out}: holds a cache built with another configuration (differs in: {', '.join(diff)}); "
+                    "use a new folder or delete this one"
+                )
+        else:
+            atomic_write_text(config_file, json.dumps(config, indent=1, sort_keys=True))
+        config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
-    num_shards = (n + shard_size - 1) // shard_size
-    todo = [s for s in range(num_shards) if not _shard_ok(shard_path(out, s), config_hash)]
-    bar = tqdm(total=n, desc="caching", unit="img", disable=not progress)
-    bar.update(n - sum(min(shard_size, n - s * shard_size) for s in todo))
-    for s in todo:
-        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers)
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoders}
-        labels: list[torch.Tensor] = []
-        source_ids: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for batch in loader:
-                images = batch["image"]
-                if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-                    raise CacheError(f"dataset items must have 'image' as uint8 3xHxW, got {images.dtype} "
-                                     f"{tuple(images.shape[1:])}")
-                for name, enc in encoders.items():
-                    feats = enc(images)
-                    if not torch.isfinite(feats).all():
-                        bad = (~torch.isfinite(feats.flatten(1))).any(1).nonzero().flatten()
-                        done = sum(len(p) for p in parts[name])
-                        idx = [lo + done + int(i) for i in bad][:5]
-                        raise CacheError(f"encoder {name!r} returned NaN/Inf for dataset item(s) {idx} "
-                                         f"(shard {s}); nothing of this shard was written")
-                    parts[name].append(feats.detach().to("cpu", dtype if feats.is_floating_point() else feats.dtype))
-                if "label" in batch:
-                    labels.append(torch.as_tensor(batch["label"]).long())
-                if "source" in batch:
-                    source_ids.append(torch.as_tensor(batch["source"]).long())
-                if "mask" in batch:  # the dataset's own label maps (GeoJSON, label-map files)
-                    masks.append(torch.as_tensor(batch["mask"]).to(torch.int32))
-                bar.update(len(images))
-        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        tensors["index"] = torch.arange(lo, hi, dtype=torch.long)
-        if labels:
-            tensors["label"] = torch.cat(labels)
-        if source_ids:
-            tensors["source"] = torch.cat(source_ids)
-        if masks and "mask" not in tensors:
-            tensors["mask"] = torch.cat(masks)
-        tmp = out / f".shard-{s:05d}.tmp-{os.getpid()}"
-        # one metadata key: safetensors stores metadata as a hash map, whose order varies by process
-        save_file(tensors, str(tmp), metadata={"config_hash": config_hash})
-        os.replace(tmp, shard_path(out, s))
-    bar.close()
-    _write_index(out, num_shards, n, config_hash)
+        num_shards = (n + shard_size - 1) // shard_size
+        todo = [s for s in range(num_shards) if not _shard_ok(shard_path(out, s), config_hash)]
+        bar = tqdm(total=n, desc="caching", unit="img", disable=not progress)
+        bar.update(n - sum(min(shard_size, n - s * shard_size) for s in todo))
+        for s in todo:
+            lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+            loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers)
+            parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoders}
+            labels: list[torch.Tensor] = []
+            source_ids: list[torch.Tensor] = []
+            masks: list[torch.Tensor] = []
+            with torch.inference_mode():
+                for batch in loader:
+                    images = batch["image"]
+                    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                        raise CacheError(f"dataset items must have 'image' as uint8 3xHxW, got {images.dtype} "
+                                         f"{tuple(images.shape[1:])}")
+                    for name, enc in encoders.items():
+                        feats = enc(images)
+                        if not torch.isfinite(feats).all():
+                            bad = (~torch.isfinite(feats.flatten(1))).any(1).nonzero().flatten()
+                            done = sum(len(p) for p in parts[name])
+                            idx = [lo + done + int(i) for i in bad][:5]
+                            raise CacheError(f"encoder {name!r} returned NaN/Inf for dataset item(s) {idx} "
+                                             f"(shard {s}); nothing of this shard was written")
+                        parts[name].append(feats.detach().to("cpu", dtype if feats.is_floating_point() else feats.dtype))
+                    if "label" in batch:
+                        labels.append(torch.as_tensor(batch["label"]).long())
+                    if "source" in batch:
+                        source_ids.append(torch.as_tensor(batch["source"]).long())
+                    if "mask" in batch:  # the dataset's own label maps (GeoJSON, label-map files)
+                        masks.append(torch.as_tensor(batch["mask"]).to(torch.int32))
+                    bar.update(len(images))
+            tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+            tensors["index"] = torch.arange(lo, hi, dtype=torch.long)
+            if labels:
+                tensors["label"] = torch.cat(labels)
+            if source_ids:
+                tensors["source"] = torch.cat(source_ids)
+            if masks and "mask" not in tensors:
+                tensors["mask"] = torch.cat(masks)
+            # one metadata key: safetensors stores metadata as a hash map, whose order varies by process
+            with atomic_path(shard_path(out, s)) as tmp:  # removed if the write fails
+                save_file(tensors, str(tmp), metadata={"config_hash": config_hash})
+        bar.close()
+        _write_index(out, num_shards, n, config_hash)
+    finally:
+        lock.release()
     return out
 
 

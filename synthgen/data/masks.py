@@ -30,7 +30,7 @@ def read_label_map(path: str | os.PathLike, size: tuple[int, int] | None = None)
         (H, W) int32 label map.
 
     Raises:
-        MaskError: unreadable file, colour (RGB) mask, or size mismatch.
+        MaskError: unreadable file, colour (RGB) mask, size mismatch, or negative labels.
     """
     path = Path(path)
     try:
@@ -53,6 +53,11 @@ def read_label_map(path: str | os.PathLike, size: tuple[int, int] | None = None)
         raise MaskError(
             f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} px but its patch is {size[0]}x{size[1]} px"
         )
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise MaskError(f"{path}: a label map must be a 2-D image of integer labels, got {arr.dtype} {arr.shape}")
+    if arr.min(initial=0) < 0:
+        raise MaskError(f"{path}: negative labels ({int(arr.min())}) are not allowed; labels are 0 (background), "
+                        "1, 2, ...")
     return arr.astype(np.int32)
 
 
@@ -71,9 +76,10 @@ def write_label_map(path: str | os.PathLike, mask: np.ndarray) -> None:
     if mask.max(initial=0) > 65535:
         raise MaskError(f"{path}: label {int(mask.max())} does not fit a 16-bit PNG")
     arr = mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    from synthgen._io import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:  # removed if the write fails
+        Image.fromarray(arr).save(tmp)
 
 
 def check_mask(mask: np.ndarray, image_hw: tuple[int, int], where: str = "mask") -> np.ndarray:

@@ -19,6 +19,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+from synthgen._io import OutputLock
 from synthgen.errors import SynthgenError
 
 FORMATS = ("imagefolder", "webdataset", "hf")
@@ -42,7 +43,8 @@ def _sha(data: bytes) -> str:
 def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "imagefolder",
                    class_names: list[str] | None = None, drop_rejected: bool = False, shard_size: int = 1000,
                    licence: str = "CC-BY-4.0", purpose: str | None = None, audit: dict | None = None,
-                   max_flagged: float = 0.01, allow_risk: bool = False, drop_flagged: bool = False) -> Path:
+                   max_flagged: float = 0.01, allow_risk: bool = False, drop_flagged: bool = False,
+                   force: bool = False) -> Path:
     """Export a ``synthgen generate`` output folder.
 
     Args:
@@ -52,18 +54,25 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
         class_names: names for label ids (default: ``class_<id>``).
         drop_rejected: leave out items the class filter rejected.
         shard_size: items per WebDataset tar / parquet file.
+        force: take over the lock (``.<out>.lock`` beside ``out``) of another export to ``out``.
         audit: a :func:`~synthgen.metrics.privacy.memorization_audit` report over the source's
             items (in manifest order). The export refuses when more than ``max_flagged`` of the
             exported items are flagged near-copies, unless ``allow_risk``; ``drop_flagged``
             removes them instead. The audit summary and per-item ratios go into the manifest.
 
     Raises:
-        SynthgenError: unknown format, existing output, missing or tampered source items, or
-            the privacy gate.
+        SynthgenError: unknown format, existing output, output inside the source (or the
+            reverse), missing or tampered source items, the privacy gate, or another export to
+            ``out`` running (:class:`~synthgen.errors.LockError`).
     """
     if fmt not in FORMATS:
         raise SynthgenError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     source, out = Path(source), Path(out)
+    src_abs, out_abs = source.resolve(), out.resolve()
+    if out_abs == src_abs or out_abs.is_relative_to(src_abs):
+        raise SynthgenError(f"{out}: inside the export's source {source}; choose an output folder outside it")
+    if src_abs.is_relative_to(out_abs):
+        raise SynthgenError(f"{out}: contains the export's source {source}; choose an output folder outside it")
     if out.exists():
         raise SynthgenError(f"{out}: already exists; exports are written once (choose a new folder)")
     man_path = source / "manifest.json"
@@ -103,11 +112,12 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
         return f"class_{label}"
 
     tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    lock = OutputLock(out, "export", force=force, path=out.with_name(f".{out.name}.lock")).acquire()
     records = []
     masks: dict[int, bytes] = {}
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         data = []
         for k, it in enumerate(items):
             f = source / it["file"]
@@ -173,6 +183,8 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     return out
 
 

@@ -47,3 +47,45 @@ def component_subfolder(source, name: str) -> str | None:
     if path.exists():
         raise CheckpointError(f"{source}: a file, not a model folder or hub id")
     return name
+
+
+def check_pipeline_folder(folder) -> None:
+    """Check a local pipeline folder before diffusers loads it: ``model_index.json`` is readable
+    and every component it lists has its folder, a readable config and (for models) weights.
+
+    Raises:
+        CheckpointError: names the missing or broken file or component folder (``transformer/``,
+            ``vae/``, ``scheduler/``, ...).
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{index}: missing; {folder} is not a pipeline folder (model_index.json, "
+                              "transformer/, vae/, scheduler/ ...); build one with `synthgen assemble`")
+    try:
+        components = json.loads(index.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from e
+    if not isinstance(components, dict):
+        raise CheckpointError(f"{index}: expected a JSON object of components")
+    for name, entry in sorted(components.items()):
+        if name.startswith("_") or not isinstance(entry, list) or not entry or entry[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise CheckpointError(f"{sub}/: component {name!r} is missing (model_index.json lists it)")
+        configs = [sub / c for c in ("config.json", "scheduler_config.json", "tokenizer_config.json")
+                   if (sub / c).is_file()]
+        if not configs:
+            raise CheckpointError(f"{sub}/: component {name!r} has no config.json")
+        for c in configs:
+            try:
+                json.loads(c.read_text())
+            except ValueError as e:
+                raise CheckpointError(f"{c}: component {name!r} has a broken config ({e})") from e
+        if name not in ("scheduler", "tokenizer") and not any(sub.glob("*.safetensors")) \
+                and not any(sub.glob("*.bin")):
+            raise CheckpointError(f"{sub}/: component {name!r} has no weights (*.safetensors)")

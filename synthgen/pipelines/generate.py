@@ -59,11 +59,16 @@ class SynthPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Load a pipeline folder or hub id (diffusers only loads components from imported modules)."""
+        from pathlib import Path
+
         import synthgen.encoders.ssl  # noqa: F401
         import synthgen.models.controlnet  # noqa: F401
         import synthgen.models.denoiser  # noqa: F401
         import synthgen.models.vae  # noqa: F401
+        from synthgen.models.loading import check_pipeline_folder
 
+        if args and Path(args[0]).is_dir():  # a local folder: name a missing or broken component
+            check_pipeline_folder(args[0])
         return super().from_pretrained(*args, **kwargs)
 
     # -- conditions ----------------------------------------------------------------------

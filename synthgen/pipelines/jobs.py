@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synthgen._io import atomic_write_text, sha256_file
+from synthgen._io import atomic_path, atomic_write_text, sha256_file
 
 
 @dataclass
@@ -95,9 +95,8 @@ def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 
         with open(records, "a") as f:
             for k, i in enumerate(idx):
                 rel = f"images/{i:07d}.png"
-                tmp = out / f"images/.{i:07d}.tmp.png"
-                Image.fromarray(res.images[k].permute(1, 2, 0).numpy()).save(tmp)
-                os.replace(tmp, out / rel)
+                with atomic_path(out / rel, suffix=".png") as tmp:  # removed if the write fails
+                    Image.fromarray(res.images[k].permute(1, 2, 0).numpy()).save(tmp)
                 rec = {"index": i, "file": rel, "seed": plan.seeds[i], "label": plan.labels[i],
                        "condition": plan.kind, "accepted": accepted[k]}
                 if masks is not None:  # the condition mask, paired with its image (a segmentation pair)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from synthgen._io import OutputLock
 from synthgen.config import ConfigError, TrainConfig, to_dict
 from synthgen.errors import SynthgenError
 
@@ -122,7 +123,8 @@ def _loader(dataset: Dataset, sampler: EpochSampler, cfg: TrainConfig) -> DataLo
                       num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = None, progress: bool = True,
+          force: bool = False) -> TrainResult:
     """Train the model ``cfg.task`` describes; see :class:`~synthgen.config.TrainConfig`.
 
     Writes ``output_dir/``: ``config.json``, ``metrics.jsonl``, ``checkpoints/step-N/``
@@ -135,10 +137,21 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_at: int | None = Non
             an output folder that already has checkpoints).
         stop_at: checkpoint and stop at this step, as a signal would (staged runs on
             time-limited nodes; the run continues later with ``resume="latest"``).
+        force: take over the output folder's lock (``.synthgen.lock``) even when its owner
+            looks alive. Only rank 0 (``RANK``, set by torchrun / accelerate launch) takes it.
 
     Returns:
         The last step, whether a signal stopped the run, and the final logged loss.
+
+    Raises:
+        LockError: another live process trains into ``output_dir``.
     """
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # the other ranks share rank 0's lock
+    with OutputLock(cfg.output_dir, "train", force=force, enabled=rank0):
+        return _train(cfg, resume, stop_at, progress)
+
+
+def _train(cfg: TrainConfig, resume: str | None, stop_at: int | None, progress: bool) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
