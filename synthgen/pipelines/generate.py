@@ -16,7 +16,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from synthgen.pipelines.sampling import SAMPLERS, make_scheduler, sample_latents
+from synthgen.pipelines.sampling import CLIP_DENOISED, SAMPLERS, make_scheduler, sample_latents
 
 
 @dataclass
@@ -180,6 +180,7 @@ class SynthPipeline(DiffusionPipeline):
         labels=None,
         sources=None,
         guide: Sequence[str] | None = None,
+        clip_denoised: float | tuple | None = CLIP_DENOISED,
     ):
         """Generate ``num_images_per_condition`` images for each condition.
 
@@ -217,6 +218,10 @@ class SynthPipeline(DiffusionPipeline):
                 Without other conditions the images are sampled from the mask alone (null
                 embedding, no guidance).
             controlnet_conditioning_scale: strength of the mask branch (0: ignore the mask).
+            clip_denoised: bound on every step's denoised latent estimate, in the VAE's normalised
+                (unit-variance) units: c for [-c, c], or (lo, hi) per latent channel; None turns it
+                off (the behaviour before it existed, which let a few seeds run off to latents
+                decoded as grey patches with a black-and-white blob: BENCHMARKS.md).
 
         Returns:
             :class:`SynthOutput` with ``images`` and ``seeds``.
@@ -255,7 +260,7 @@ class SynthPipeline(DiffusionPipeline):
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
             part = {k: v[lo:hi].to(device) for k, v in conds.items()}
             z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
-                               guidance_interval=guidance_interval, guide=guided)
+                               guidance_interval=guidance_interval, guide=guided, clip_denoised=clip_denoised)
             if output_type == "latent":
                 latents.append(z.cpu())
             else:
