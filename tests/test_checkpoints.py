@@ -66,7 +66,7 @@ def test_large_image_has_no_seams_unlike_stitched_tiles(pipe, real):
 
 def test_checkpoint_sizes_within_budget():
     total = sum(p.stat().st_size for p in CKPT.parent.rglob("*") if p.is_file())
-    assert total < 60 * 2**20
+    assert total < 150 * 2**20  # issue 16's budget for the shipped model families
 
 
 def test_shipped_mask_branch_follows_held_out_masks(pipe, cmu):
