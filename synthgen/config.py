@@ -210,7 +210,19 @@ class ObjectiveConfig:
     adversarial_start: int = 0
     disc_width: int = 32
     disc_layers: int = 3
-    temperature: float = 0.2  # SSL only
+    # SSL only (synthgen.encoders.ssl): SimCLR (NT-Xent at `temperature`) or DINO (EMA teacher
+    # from teacher_momentum, cosine to 1; student at `temperature`, 0.1 in the paper; teacher
+    # sharpened at teacher_temperature over dino_prototypes; local_crops small student views).
+    # View augmentation: HED stain jitter bounds (0 = off) and the probability of a Gaussian blur.
+    temperature: float = 0.2
+    ssl_method: Literal["simclr", "dino"] = "simclr"
+    teacher_temperature: float = 0.04
+    teacher_momentum: float = 0.996
+    dino_prototypes: int = 1024
+    local_crops: int = 4
+    hed_scale: float = 0.0
+    hed_shift: float = 0.0
+    blur: float = 0.0
 
     def __post_init__(self):
         _positive("objective.num_train_timesteps", self.num_train_timesteps)
@@ -222,6 +234,18 @@ class ObjectiveConfig:
                 raise ConfigError(f"objective.{name}: must be >= 0, got {getattr(self, name)}")
         _positive("objective.disc_width", self.disc_width)
         _positive("objective.disc_layers", self.disc_layers)
+        _positive("objective.temperature", self.temperature)
+        _positive("objective.teacher_temperature", self.teacher_temperature)
+        _positive("objective.dino_prototypes", self.dino_prototypes)
+        if not 0 <= self.teacher_momentum < 1:
+            raise ConfigError(f"objective.teacher_momentum: must be in [0, 1), got {self.teacher_momentum}")
+        if self.local_crops < 0 or self.hed_shift < 0:
+            raise ConfigError("objective.local_crops, objective.hed_shift: must be >= 0, got "
+                              f"{self.local_crops}, {self.hed_shift}")
+        if not 0 <= self.hed_scale < 1:
+            raise ConfigError(f"objective.hed_scale: must be in [0, 1), got {self.hed_scale}")
+        if not 0 <= self.blur <= 1:
+            raise ConfigError(f"objective.blur: a probability in [0, 1], got {self.blur}")
 
 
 @dataclass(frozen=True)

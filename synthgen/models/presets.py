@@ -82,6 +82,9 @@ _ENCODERS: dict[str, dict[str, Any]] = {
     "tiny": dict(input_size=32, width=8, dim=32, proj_dim=32),
     # CPU default: 64 px input, about 0.35 M parameters, 128-d embedding
     "small": dict(input_size=64, width=16, dim=128, proj_dim=64),
+    # v2 CPU default: the small network on 128 px tiles at 0.5 um/px as a 2x2 grid of 64 px crops,
+    # one 128-d token each (4 tokens, the condition of the small-v2 denoiser)
+    "small-v2": dict(input_size=64, width=16, dim=128, proj_dim=64, grid=2),
 }
 
 

@@ -447,25 +447,73 @@ class VAETask(Task):
 
 # -- SSL encoder ---------------------------------------------------------------------------
 class SSLTask(Task):
-    """The default image encoder, SimCLR on two augmented views of each tile."""
+    """The default image encoder: SimCLR on two augmented views of each tile, or DINO
+    (``objective.ssl_method: dino``: self-distillation from an EMA teacher, which is what is
+    saved). Views: :func:`~synthgen.encoders.ssl.augment_views` with ``objective.hed_scale`` /
+    ``hed_shift`` (stain jitter) and ``blur``."""
+
+    preload_bytes = 2**30  # training images up to this size are read once and served from memory
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
-        from synthgen.encoders.ssl import SSLEncoder
+        from synthgen.encoders.ssl import DINO, SSLEncoder
         from synthgen.models.presets import encoder_config
 
         self.cfg = cfg
-        m = cfg.model
+        m, o = cfg.model, cfg.objective
         self.net = SSLEncoder.from_pretrained(m.pretrained) if m.pretrained else SSLEncoder(
             **encoder_config(m.preset, **m.overrides))
+        self.dino = None
+        if o.ssl_method == "dino":
+            if cfg.ema_decay > 0:
+                raise ConfigError("ema_decay: DINO's teacher is already an average of the student "
+                                  "(objective.teacher_momentum); set ema_decay: 0")
+            self.dino = DINO(self.net, o.dino_prototypes, o.teacher_temperature, o.temperature,
+                             local_crops=o.local_crops)
+        self._teacher_step = -1
+
+    def aux_parameters(self) -> list[nn.Parameter]:
+        return [] if self.dino is None else list(self.dino.head.parameters())
 
     def dataset(self) -> Dataset:
-        return image_dataset(self.cfg)
+        """The training images, read once into memory when they fit in ``preload_bytes`` (a tile
+        table is otherwise read from its slides again at every epoch), then cut into
+        ``data.crop`` crops when that is set."""
+        import dataclasses
+
+        from torch.utils.data import StackDataset
+
+        from synthgen.data.datasets import CropViews
+
+        d = self.cfg.data
+        base = image_dataset(dataclasses.replace(
+            self.cfg, data=dataclasses.replace(d, crop=None, crop_stride=None, dihedral=False)))
+        first = base[0]["image"]
+        if len(base) * first.numel() * first.element_size() <= self.preload_bytes:
+            images = [base[i]["image"] for i in range(len(base))]
+            if all(im.shape == first.shape for im in images):
+                log.info("SSL: %d training images read into memory", len(images))
+                base = StackDataset(image=torch.stack(images))
+        return CropViews(base, d.crop, d.crop_stride, dihedral=d.dihedral) if d.crop else base
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        import math
+
         from synthgen.encoders.ssl import simclr_loss
 
-        return simclr_loss(self.net, batch["image"], self.cfg.objective.temperature, generator)
+        o = self.cfg.objective
+        augment = {"hed_scale": o.hed_scale, "hed_shift": o.hed_shift, "blur": o.blur}
+        if self.dino is None:
+            return simclr_loss(self.net, batch["image"], o.temperature, generator, augment=augment)
+        if self.training and self._teacher_step != self.step:  # once per optimisation step
+            # DINO's teacher momentum: cosine from teacher_momentum to 1 over training
+            m = 1 - (1 - o.teacher_momentum) * (math.cos(math.pi * self.step / self.cfg.steps) + 1) / 2
+            self.dino.update_teacher(self.net, m)
+            self._teacher_step = self.step
+        return self.dino.loss(self.net, batch["image"], generator, augment)
+
+    def save(self, net, path: Path) -> None:
+        (net if self.dino is None else self.dino.teacher).save_pretrained(path)
 
 
 # -- embedding prior -------------------------------------------------------------------------
