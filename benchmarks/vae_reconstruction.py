@@ -6,7 +6,7 @@ by the VAE's factor, and a Gaussian blur (sigma 1 px) of the real tiles.
     python benchmarks/vae_reconstruction.py runs/vae_v2/model                   # v2 test split
     python benchmarks/vae_reconstruction.py runs/vae_v2/model --compare checkpoints/synthgen-small-cmu/vae
     python benchmarks/vae_reconstruction.py VAE tiles.csv --grid recon.png      # any tile table
-    python benchmarks/vae_reconstruction.py                                     # shipped VAE, v2 test split
+    python benchmarks/vae_reconstruction.py                                     # shipped v2 VAE, v2 test split
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VAE = REPO / "checkpoints" / "synthgen-small-cmu" / "vae"
+DEFAULT_VAE = REPO / "checkpoints" / "synthgen-v2" / "vae"
 
 
 def run(vae: Path = DEFAULT_VAE, tiles: Path | None = None, grid: Path | None = None, limit: int | None = None,

@@ -100,6 +100,7 @@ class OutputLock:
         self.folder, self.what, self.force, self.enabled = Path(folder), what, force, enabled
         self.path = Path(path) if path is not None else self.folder / LOCK_NAME  # beside a folder not made yet
         self._held = False
+        self._made_folder = False  # the lock made its folder: removed again if nothing was written
 
     def _owner(self) -> dict:
         try:
@@ -110,6 +111,7 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         if not self.enabled:
             return self
+        self._made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.what}
         for _ in range(3):
@@ -144,6 +146,9 @@ class OutputLock:
             if self._owner().get("pid") == os.getpid():
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
+            if self._made_folder:  # a command that failed before writing leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()
 
     def __enter__(self) -> OutputLock:
         return self.acquire()

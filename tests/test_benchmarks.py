@@ -22,10 +22,12 @@ def vae_run(data_dir):
 def test_runner_result_has_ratios_and_peak_memory(vae_run):
     res = vae_run["result"]
     assert res["tiles"] == 8 and [row["measure"].split(",")[0] for row in res["summary"]] == [
-        "reconstruction PSNR (dB)", "reconstruction SSIM"]
+        "reconstruction PSNR (dB)", "reconstruction SSIM", "reconstruction sharpness"]
     for row in res["summary"]:
         assert row["ratio"] == pytest.approx(row["synthgen_value"] / row["reference_value"])
-        assert row["ratio"] > 1  # the trained VAE beats bicubic down/up-sampling
+    psnr, ssim, sharp = res["summary"]
+    assert psnr["ratio"] > 1 and ssim["ratio"] > 1  # the trained VAE beats bicubic down/up-sampling
+    assert 0.5 < sharp["ratio"] < 1.5 and res["references"]["Gaussian blur sigma 1 px"]["sharpness_ratio"] < 0.3
     assert vae_run["peak_rss_mb"] > 50 and vae_run["seconds"] > 0
 
 
@@ -34,10 +36,11 @@ def test_summary_table_and_section_added_first(vae_run, tmp_path):
               "peak_rss_mb": 300.0, "children_peak_rss_mb": 0.0}
     table = run_all.summary_table([vae_run, failed])
     lines = table.splitlines()
-    assert lines[0].startswith("| benchmark | measure |") and len(lines) == 2 + 2 + 1
+    assert lines[0].startswith("| benchmark | measure |") and len(lines) == 2 + 3 + 1
     assert lines[2].startswith("| vae_reconstruction | reconstruction PSNR") and "x** |" in lines[2]
     assert lines[3].startswith("|  | reconstruction SSIM")
-    assert "FAILED: RuntimeError: no pipeline" in lines[4]
+    assert lines[4].startswith("|  | reconstruction sharpness")
+    assert "FAILED: RuntimeError: no pipeline" in lines[5]
 
     m = run_all.machine()
     assert m["cores"] >= 1 and m["torch"] and m["cpu"]

@@ -22,9 +22,12 @@ def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monk
     assert [a for *_, a in run(r, echo=lambda *_: None)] == ["run"] * 8
     out = tmp_path / "qs"
     m = json.loads((out / "export" / "manifest.json").read_text())
-    assert m["num_items"] == 4 and m["privacy_audit"]["n_checked"] == 4 and m["recipe_sha256"]
+    # the audit drops near copies of real tiles (at 2 sampling steps a variation can be one)
+    flagged = m["privacy_audit"]["n_flagged"]
+    assert m["privacy_audit"]["n_checked"] == 4 and flagged <= 1 and m["num_items"] == 4 - flagged
+    assert m["recipe_sha256"]
     assert json.loads((out / "evaluate" / "fidelity.json").read_text())["overall"]["n_fake"] == 4
-    assert "audit: 0 flagged of 4" in (out / "evaluate" / "summary.md").read_text()
+    assert f"audit: {flagged} flagged of 4" in (out / "evaluate" / "summary.md").read_text()
     rare = json.loads((out / "rare" / "manifest.json").read_text())  # the shipped prior, class by name
     assert rare["class_name"] == "TUMOR" and rare["num_items"] == 2 and "acceptance_rate" in rare
     assert "rare class TUMOR (prior): 2 images" in (out / "evaluate" / "summary.md").read_text()
@@ -73,7 +76,9 @@ def test_interrupted_generate_resumes_without_duplicates(tmp_path, monkeypatch):
     rows = run(r, echo=lambda *_: None)
     assert [a for *_, a in rows] == ["skip", "skip"] + ["run"] * 6
     m = json.loads((tmp_path / "qs" / "export" / "manifest.json").read_text())
-    assert m["num_items"] == 6 and len({it["seed"] for it in m["items"]}) == 6
+    flagged = m["privacy_audit"]["n_flagged"]  # near copies of real tiles are dropped from the export
+    assert m["privacy_audit"]["n_checked"] == 6 and flagged <= 2
+    assert m["num_items"] == 6 - flagged and len({it["seed"] for it in m["items"]}) == 6 - flagged
 
 
 BROKEN = [
