@@ -36,18 +36,11 @@ def run(vae: Path = DEFAULT_VAE, tiles: Path | None = None, grid: Path | None = 
         return _run(Path(vae), Path(tiles), grid, limit, tuple(Path(c) for c in compare))
 
 
-def _blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
-    r = int(3 * sigma)
-    k = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma**2))
-    k = (k / k.sum()).to(x)
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-
-
 def _run(vae_path: Path, tiles: Path, grid: Path | None, limit: int | None, compare: tuple[Path, ...]) -> dict:
+    import numpy as np
+
     from synthgen.data.datasets import PatchDataset
+    from synthgen.metrics.handcrafted import blur
     from synthgen.models.vae import VAE, image_agreement, reconstruction_metrics, to_uint8
 
     ds = PatchDataset(tiles)
@@ -60,7 +53,8 @@ def _run(vae_path: Path, tiles: Path, grid: Path | None, limit: int | None, comp
     up = F.interpolate(low, size=x.shape[-2:], mode="bicubic", align_corners=False)
     as_uint8 = lambda t: (t.clamp(0, 1) * 255).round().to(torch.uint8)  # noqa: E731
     refs = {f"bicubic {f}x down/up": image_agreement(as_uint8(up), images),
-            "Gaussian blur sigma 1 px": image_agreement(as_uint8(_blur(x)), images)}
+            "Gaussian blur sigma 1 px": image_agreement(
+                torch.from_numpy(np.stack(blur(images, sigma=1.0))).permute(0, 3, 1, 2), images)}
     ours = results[str(vae_path)]
     bicubic = refs[f"bicubic {f}x down/up"]
     summary = [{"measure": f"reconstruction {name}, {len(images)} held-out tiles",
