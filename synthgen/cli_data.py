@@ -17,14 +17,22 @@ import click
 @click.option("--size", type=click.IntRange(min=1), default=128, show_default=True, help="Tile side in pixels.")
 @click.option("--train-overlap", type=click.IntRange(min=0), default=0, show_default=True,
               help="Overlap of neighbouring training tiles in pixels (validation and test tiles never overlap).")
-def splits(split_file, out, mpp, size, train_overlap):
+@click.option("--masked-only", is_flag=True,
+              help="Keep only the images with a label map in the mask column; their tiles then carry the "
+                   "mask into `synthgen cache` (data for the mask branch).")
+def splits(split_file, out, mpp, size, train_overlap, masked_only):
     """Tile every image of SPLIT_FILE into disjoint train / val / test tile tables.
 
     SPLIT_FILE is a CSV with one row per source image or slide region: path (relative to the
-    CSV), source, label, group (the unit that never crosses splits), mpp, split, roi, min_tissue;
-    see synthgen/data/splits.py. The default family's is recipes/data/default_v2.csv.
+    CSV), source, label, group (the unit that never crosses splits), mpp, split, roi, min_tissue,
+    and optionally mask (a label map on the image's pixel grid); see synthgen/data/splits.py.
+    The default family's is recipes/data/default_v2.csv.
 
-    Example: synthgen splits recipes/data/default_v2.csv -o runs/data/v2 --train-overlap 64
+    Examples:
+
+      synthgen splits recipes/data/default_v2.csv -o runs/data/v2 --train-overlap 64
+
+      synthgen splits recipes/data/default_v2.csv -o runs/data/v2_masks --train-overlap 64 --masked-only
     """
     import json
 
@@ -32,7 +40,8 @@ def splits(split_file, out, mpp, size, train_overlap):
 
     if train_overlap >= size:
         raise click.BadParameter(f"must be smaller than --size {size}", param_hint="--train-overlap")
-    tables = build_split_tables(split_file, out, mpp=mpp, size=size, train_overlap=train_overlap)
+    tables = build_split_tables(split_file, out, mpp=mpp, size=size, train_overlap=train_overlap,
+                                masked_only=masked_only)
     counts = json.loads((Path(out) / "summary.json").read_text())["tiles"]
     for split, path in tables.items():
         by_source = ", ".join(f"{k} {v}" for k, v in counts[split].items())

@@ -111,3 +111,61 @@ def test_cache_cli_keeps_class_and_source_of_a_labelled_table(data_dir, tmp_path
     expect = config["classes"].index(first["label"]) if first["label"] else -1
     assert labels[:4].tolist() == [expect] * 4
     assert shard["source"][:4].tolist() == [config["sources"].index(first["source"])] * 4
+
+
+def _write_masked(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "source", "label", "group", "mpp", "split", "roi", "min_tissue", "mask"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_mask_column_gives_tiles_their_label_map_at_the_tile_scale(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from synthgen.data.masks import write_label_map
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 200, (160, 240, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    Image.fromarray(rng.integers(0, 200, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "plain.png")
+    yy, xx = np.mgrid[:160, :240]
+    labels = (yy // 10) * 24 + xx // 10 + 1  # a 10 px block code: where each tile pixel came from
+    write_label_map(tmp_path / "im_mask.png", labels)
+    row = dict(path="im.png", source="a", label="", group="g", mpp="0.25", split="train", roi="", min_tissue="0",
+               mask="im_mask.png")
+    other = dict(row, path="plain.png", group="h", split="test", mask="")
+    f = _write_masked(tmp_path / "s.csv", [row, other])
+    tables = build_split_tables(f, tmp_path / "t", mpp=0.5, size=32, progress=False)
+    mixed = PatchDataset(tables["train"])
+    assert "mask" in mixed[0] and "mask" not in PatchDataset(tables["test"])[0]  # only tables whose images all have one
+    tables = build_split_tables(f, tmp_path / "m", mpp=0.5, size=32, masked_only=True, progress=False)
+    assert set(tables) == {"train"}  # the unmasked test image is dropped
+    ds = PatchDataset(tables["train"])
+    assert len(ds) == 6  # 120 x 80 px at 0.5 um/px: 3 x 2 tiles of 32 px
+    for i in (0, len(ds) - 1):
+        t, m = ds.tiles[i], ds[i]["mask"].numpy()
+        assert m.shape == (32, 32)
+        # output pixel (r, c) samples level-0 pixel (y + 2r + 1, x + 2c + 1): exact labels, never blended
+        expect = labels[int(t.y) + 1:int(t.y) + 64:2, int(t.x) + 1:int(t.x) + 64:2]
+        np.testing.assert_array_equal(m, expect)
+    with pytest.raises(SynthgenError, match="line 2: mask: .*gone.png does not exist"):
+        read_split_file(_write_masked(tmp_path / "b.csv", [dict(row, mask="gone.png")]))
+    with pytest.raises(SynthgenError, match="no row has a mask"):
+        build_split_tables(_write_masked(tmp_path / "c.csv", [other]), tmp_path / "n", masked_only=True, progress=False)
+
+
+def test_expert_nuclei_masks_sit_on_dark_nuclei(data_dir, tmp_path):
+    """MoNuSeg/CoNSeP tiles of the default definition carry their expert instance maps, aligned:
+    masked pixels are much darker than the rest (a transposed or shifted map would not be)."""
+    tables = build_split_tables(DEFAULT_SPLIT_FILE, tmp_path, mpp=0.5, size=128, masked_only=True, progress=False)
+    ds = PatchDataset(tables["test"])
+    assert {r["source"] for r in read_tile_labels(tables["test"])} == {"monuseg", "consep"}
+    gaps = []
+    for i in range(0, len(ds), max(1, len(ds) // 12)):
+        item = ds[i]
+        grey, fg = item["image"].float().mean(0), item["mask"] > 0
+        if 0.05 < fg.float().mean() < 0.9:
+            gaps.append(float(grey[~fg].mean() - grey[fg].mean()))
+    assert len(gaps) >= 8 and min(gaps) > 15, gaps

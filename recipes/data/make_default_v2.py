@@ -7,8 +7,11 @@ splits drawn with a fixed seed (about 70 / 15 / 15 % of the groups of each sourc
 
 - ``cmu``: CMU-1-Small-Region.svs (0.499 um/px, skin, CC0). One slide: split by region, x in
   [0, 0.6) train, [0.6, 0.75) val, [0.75, 1] test.
-- ``monuseg``: 30 images at 0.2527 um/px (7 organs, CC BY-NC-SA 4.0). Group = image.
+- ``monuseg``: 30 images at 0.2527 um/px (7 organs, CC BY-NC-SA 4.0). Group = image. Mask: the
+  nuclei instance map (12 from the expert polygons, 18 rebuilt from their colour rendering).
 - ``consep``: 432 patches of 27 colorectal images at 0.25 um/px (40x; research use). Group = image id.
+  Mask: the expert nuclei instance map (``Inst``).
+- The histolytics instance masks are left out of the mask column: a segmentation model made them.
 - ``kather2016``: 24 tiles at 0.495 um/px, 8 classes (CC BY 4.0); ``kather2016_224``: 100 tiles
   resampled by their copy's author from 150 to 224 px, i.e. 150 * 0.495 / 224 = 0.3315 um/px.
   Group = tile (no slide ids survive in the 224 copy; no tile of it matched a 150 px tile on a
@@ -49,9 +52,9 @@ def main() -> None:
     rng = random.Random(SEED)
     rows = []
 
-    def add(path, source, label, group, mpp, split, roi="", min_tissue=0.5):
+    def add(path, source, label, group, mpp, split, roi="", min_tissue=0.5, mask=""):
         rows.append(dict(path=str(path), source=source, label=label, group=group, mpp=mpp, split=split,
-                         roi=roi, min_tissue=min_tissue))
+                         roi=roi, min_tissue=min_tissue, mask=str(mask)))
 
     cmu = DATA / "slides/CMU-1-Small-Region.svs"
     for split, roi in (("train", "0 0 0.6 1"), ("val", "0.6 0 0.75 1"), ("test", "0.75 0 1 1")):
@@ -60,14 +63,15 @@ def main() -> None:
     mon = sorted((HERE / DATA / "nuclei/monuseg/images").glob("*.png"))
     assign = _split_groups([p.stem for p in mon], rng)
     for p in mon:
-        add(DATA / "nuclei/monuseg/images" / p.name, "monuseg", "", p.stem, 0.2527, assign[p.stem], min_tissue=0.3)
+        add(DATA / "nuclei/monuseg/images" / p.name, "monuseg", "", p.stem, 0.2527, assign[p.stem], min_tissue=0.3,
+            mask=DATA / "nuclei/monuseg/instances" / p.name)
 
     con = sorted((HERE / DATA / "nuclei/consep/train/Images").glob("*.jpg"))
     ids = {p.name: re.match(r"train_(\d+)_", p.name).group(1) for p in con}
     assign = _split_groups(sorted(set(ids.values())), rng)
     for p in con:
         add(DATA / "nuclei/consep/train/Images" / p.name, "consep", "", f"consep-{ids[p.name]}", 0.25,
-            assign[ids[p.name]], min_tissue=0.0)
+            assign[ids[p.name]], min_tissue=0.0, mask=DATA / "nuclei/consep/train/Inst" / f"{p.stem}.png")
 
     for folder, source, mpp, pattern in (("classes/kather2016", "kather2016", 0.495, "*.tif"),
                                          ("classes/kather2016_224", "kather2016_224", 0.3315, "*.png")):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from synthgen.data.masks import Annotations, check_mask, load_geojson, read_label_map
+from synthgen.data.masks import Annotations, check_mask, label_map_region, load_geojson, read_label_map
 from synthgen.data.slides import IMAGE_SUFFIXES, Slide
 from synthgen.data.tiling import Tile, read_slides_json, read_tile_table
 from synthgen.errors import MaskError, SynthgenError
@@ -35,8 +35,11 @@ class PatchDataset(Dataset):
 
     Args:
         tiles: a tile table path (CSV/Parquet from ``synthgen tile``) or a list of :class:`Tile`.
-        slides: slide key -> slide path, or -> ``{"path": ..., "mpp": ...}``. Default: the
-            ``<table>.slides.json`` written beside the table by ``synthgen tile``.
+        slides: slide key -> slide path, or -> ``{"path": ..., "mpp": ...}``, optionally with
+            ``"mask"``: a label map on the slide's level-0 pixel grid. Default: the
+            ``<table>.slides.json`` written beside the table by ``synthgen tile``/``splits``.
+            When every tile's slide has a mask file (and no ``annotations`` are given), each item
+            gets a ``mask``: the label map read at the tile's scale (nearest neighbour).
         transform: applied to the uint8 image tensor (e.g. torchvision v2 transforms).
         annotations: slide key -> GeoJSON file (QuPath export); adds a ``mask`` to each item.
         classes: class name -> label id for the annotation masks (default: 1 for any polygon).
@@ -72,8 +75,11 @@ class PatchDataset(Dataset):
         self.annotation_files = dict(annotations or {})
         self.classes = dict(classes) if classes is not None else None
         self.instance_masks = instance_masks
+        self.label_maps = not self.annotation_files and bool(self.tiles) and all(
+            self.slides[t.slide_key].get("mask") for t in self.tiles)
         self._handles: dict[str, Slide] = {}
         self._annotations: dict[str, Annotations] = {}
+        self._label_maps: dict[str, np.ndarray] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -93,6 +99,12 @@ class PatchDataset(Dataset):
         item = {"image": _to_tensor(slide.read(t.x, t.y, t.size, t.mpp)), "index": i}
         if self.annotation_files:
             item["mask"] = torch.from_numpy(self._mask(t, slide)).long()
+        elif self.label_maps:
+            if t.slide_key not in self._label_maps:
+                self._label_maps[t.slide_key] = read_label_map(self.slides[t.slide_key]["mask"],
+                                                               size=slide.dimensions)
+            item["mask"] = torch.from_numpy(label_map_region(self._label_maps[t.slide_key], t.x, t.y, t.size,
+                                                             t.mpp / slide.mpp)).long()
         if self.transform is not None:
             item["image"] = self.transform(item["image"])
         return item
@@ -120,7 +132,7 @@ def _slide_entry(v) -> dict:
     if isinstance(v, Mapping):
         if "path" not in v:
             raise SynthgenError(f"PatchDataset: slide entry {dict(v)!r} has no 'path'")
-        return {"path": str(v["path"]), "mpp": v.get("mpp")}
+        return {"path": str(v["path"]), "mpp": v.get("mpp")} | ({"mask": str(v["mask"])} if v.get("mask") else {})
     return {"path": str(v), "mpp": None}
 
 

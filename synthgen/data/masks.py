@@ -61,6 +61,20 @@ def read_label_map(path: str | os.PathLike, size: tuple[int, int] | None = None)
     return arr.astype(np.int32)
 
 
+def label_map_region(label_map: np.ndarray, x: float, y: float, size: int, scale: float) -> np.ndarray:
+    """The ``size`` x ``size`` patch of a level-0 label map whose top-left corner is (``x``, ``y``)
+    with ``scale`` level-0 pixels per output pixel, by nearest neighbour (labels are never
+    blended); outside the map is background (0)."""
+    idx = np.arange(size) + 0.5
+    cols = np.floor(x + idx * scale).astype(np.int64)
+    rows = np.floor(y + idx * scale).astype(np.int64)
+    h, w = label_map.shape
+    out = np.zeros((size, size), np.int32)
+    ok_r, ok_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+    out[np.ix_(ok_r, ok_c)] = label_map[np.ix_(rows[ok_r], cols[ok_c])]
+    return out
+
+
 LABEL_MAP_SUFFIXES = (".png", ".tif", ".tiff")
 
 

@@ -16,11 +16,16 @@ column         meaning
                slide that is the only one of its kind is split by region, and its group then
                appears in several splits with disjoint boxes
 ``min_tissue`` tiles need at least this tissue fraction (0 for curated tiles such as Kather's)
+``mask``       optional column: a label map (e.g. expert nuclei instances) on the image's own
+               pixel grid, relative like ``path``; empty where there is none
 =============  ==============================================================================
 
 :func:`build_split_tables` reads every row at one resolution into tiles of one size and writes a
 tile table per split (``train.csv``, ``val.csv``, ``test.csv``) that :class:`PatchDataset` and
 ``synthgen cache`` read, with the labels as extra columns (``source``, ``label``, ``group``).
+Mask files go into the table's ``.slides.json``; a table whose every image has one gives its items
+a ``mask`` (read at the tile's scale), so its cache trains the mask branch
+(``masked_only=True`` / ``synthgen splits --masked-only`` keeps only those images).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class SourceImage:
     split: str
     roi: tuple[float, float, float, float] | None
     min_tissue: float
+    mask: Path | None = None
 
 
 def read_split_file(path: str | os.PathLike) -> list[SourceImage]:
@@ -96,7 +102,10 @@ def read_split_file(path: str | os.PathLike) -> list[SourceImage]:
             raise SynthgenError(f"{where}: min_tissue: must be a fraction in [0, 1], got {min_tissue}")
         if not r["group"].strip() or not r["source"].strip():
             raise SynthgenError(f"{where}: source and group must not be empty")
-        out.append(SourceImage(file, r["source"], r["label"], r["group"], mpp, r["split"], roi, min_tissue))
+        mask = (path.parent / r["mask"]).resolve() if (r.get("mask") or "").strip() else None
+        if mask is not None and not mask.is_file():
+            raise SynthgenError(f"{where}: mask: {mask} does not exist")
+        out.append(SourceImage(file, r["source"], r["label"], r["group"], mpp, r["split"], roi, min_tissue, mask))
     _check_disjoint(out, path)
     return out
 
@@ -119,10 +128,12 @@ def _check_disjoint(rows: list[SourceImage], path: Path) -> None:
 
 
 def build_split_tables(split_file: str | os.PathLike, out_dir: str | os.PathLike, *, mpp: float = 0.5,
-                       size: int = 128, train_overlap: int = 0, progress: bool = True) -> dict[str, Path]:
+                       size: int = 128, train_overlap: int = 0, masked_only: bool = False,
+                       progress: bool = True) -> dict[str, Path]:
     """Tile every row of a split file at ``mpp`` into ``size`` px tiles, one table per split.
 
     Training tiles may overlap (``train_overlap`` pixels); validation and test tiles never do.
+    ``masked_only`` keeps only the rows with a ``mask`` (tables for the mask branch).
 
     Returns:
         ``{split: table path}`` for the splits that received tiles.
@@ -135,6 +146,10 @@ def build_split_tables(split_file: str | os.PathLike, out_dir: str | os.PathLike
     from synthgen.data.slides import Slide, slide_key
 
     rows = read_split_file(split_file)
+    if masked_only:
+        rows = [r for r in rows if r.mask is not None]
+        if not rows:
+            raise SynthgenError(f"{split_file}: no row has a mask (the mask column is empty or absent)")
     out_dir = Path(out_dir)
     tiles: dict[str, list[tuple[Tile, SourceImage]]] = {s: [] for s in SPLITS}
     slides: dict[str, dict] = {}
@@ -148,7 +163,7 @@ def build_split_tables(split_file: str | os.PathLike, out_dir: str | os.PathLike
                 found = tile_slide(s, spec, key)
             except SynthgenError:  # an image too small or without tissue at this scale gives no tiles
                 found = []
-            slides[key] = {"path": str(r.path), "mpp": s.mpp}
+            slides[key] = {"path": str(r.path), "mpp": s.mpp} | ({"mask": str(r.mask)} if r.mask else {})
         tiles[r.split] += [(t, r) for t in found]
     written = {}
     for split, items in tiles.items():
@@ -157,7 +172,7 @@ def build_split_tables(split_file: str | os.PathLike, out_dir: str | os.PathLike
     summary = {split: dict(Counter(r.source for _, r in items)) for split, items in tiles.items()}
     atomic_write_text(out_dir / "summary.json", json.dumps(
         {"split_file": str(Path(split_file).resolve()), "mpp": mpp, "size": size, "train_overlap": train_overlap,
-         "tiles": summary}, indent=1))
+         "masked_only": masked_only, "tiles": summary}, indent=1))
     return written
 
 
