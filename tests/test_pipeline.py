@@ -88,8 +88,12 @@ def test_reference_images_and_output_types(pipe, kather):
 
 
 def test_condition_errors(pipe):
-    with pytest.raises(ValueError, match="needs class_labels"):
-        pipe(embeddings=torch.randn(2, 1, 32))
+    # a condition not given is its learned null, the same as asking for it explicitly
+    emb = torch.randn(2, 1, 32)
+    implicit = pipe(embeddings=emb, num_inference_steps=2, output_type="pt").images
+    assert torch.equal(implicit, pipe(embeddings=emb, class_labels=[-1, -1], num_inference_steps=2, output_type="pt").images)
+    with pytest.raises(ValueError, match="give at least one condition"):
+        pipe(num_inference_steps=2)
     with pytest.raises(ValueError, match="NaN"):
         pipe(embeddings=torch.full((1, 1, 32), float("nan")), class_labels=[0])
     with pytest.raises(ValueError, match="class_labels has 3 entries but the other conditions have 2"):

@@ -20,7 +20,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from synthgen.data.masks import Annotations, check_mask, label_map_region, load_geojson, read_label_map
+from synthgen.data.masks import (
+    Annotations,
+    check_mask,
+    label_map_region,
+    load_geojson,
+    read_label_map,
+)
 from synthgen.data.slides import IMAGE_SUFFIXES, Slide
 from synthgen.data.tiling import Tile, read_slides_json, read_tile_table
 from synthgen.errors import MaskError, SynthgenError

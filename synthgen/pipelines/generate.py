@@ -149,11 +149,9 @@ class SynthPipeline(DiffusionPipeline):
                 raise ValueError("this model is not conditioned on sources")
             conds["source_labels"] = _label_ids(sources, cfg.source_names, "sources", n)
             n = _same(n, len(conds["source_labels"]), "sources")
-        missing = [k for k, need in (("embeddings or images", cfg.use_embeddings),
-                                     ("class_labels", cfg.num_classes), ("prompts", cfg.text_channels))
-                   if need and not any(c in conds for c in _KEYS[k])]
-        if missing:
-            raise ValueError(f"this model needs {' and '.join(missing)}")
+        if n is not None:  # a condition not given is its learned null ("any"), as in guidance dropout
+            for key, value in self.transformer.null_conditions(n).items():
+                conds.setdefault(key, value)
         return conds, n
 
     # -- sampling ------------------------------------------------------------------------
@@ -181,11 +179,14 @@ class SynthPipeline(DiffusionPipeline):
         sources=None,
         guide: Sequence[str] | None = None,
         clip_denoised: float | tuple | None = CLIP_DENOISED,
+        strength: float = 1.0,
     ):
         """Generate ``num_images_per_condition`` images for each condition.
 
         Conditions combine: a model trained on embeddings, classes and sources takes all three
-        jointly (``images=tiles, labels=["TUMOR", None], sources="kather2016"``).
+        jointly (``images=tiles, labels=["TUMOR", None], sources="kather2016"``). A condition the
+        model knows but the call does not give is its learned null ("any"), e.g.
+        ``pipe(sources=["consep"] * 8)`` samples colorectal tissue without a reference embedding.
 
         Args:
             embeddings: (N, tokens, dim) or (N, dim) condition embeddings.
@@ -222,6 +223,11 @@ class SynthPipeline(DiffusionPipeline):
                 (unit-variance) units: c for [-c, c], or (lo, hi) per latent channel; None turns it
                 off (the behaviour before it existed, which let a few seeds run off to latents
                 decoded as grey patches with a black-and-white blob: BENCHMARKS.md).
+            strength: with ``images``, anchored variations (SDEdit): each reference's VAE latent
+                is noised ``strength`` of the way along the trajectory and denoised from there, so
+                low values keep its layout and high values only its embedding's content; 1
+                (default) starts from pure noise, as without it. The images must be
+                ``image_size`` px.
 
         Returns:
             :class:`SynthOutput` with ``images`` and ``seeds``.
@@ -250,6 +256,19 @@ class SynthPipeline(DiffusionPipeline):
         guided = _guided_keys(guide)
         total = n * num_images_per_condition
         conds = {k: v.repeat_interleave(num_images_per_condition, dim=0) for k, v in conds.items()}
+        init = None
+        if strength != 1.0:
+            if images is None:
+                raise ValueError("strength= needs images= (the references to start from)")
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+            ref = _as_uint8_tensor(images)
+            if tuple(ref.shape[-2:]) != (self.image_size, self.image_size):
+                raise ValueError(f"strength= needs references of {self.image_size} px (the model's size), "
+                                 f"got {tuple(ref.shape[-2:])}")
+            with torch.no_grad():
+                init = self._vae().encode(ref.to(self._execution_device)).float()
+            init = init.repeat_interleave(num_images_per_condition, dim=0)
         seeds = _seeds(seeds, total, generator)
         scheduler = self._scheduler_for(sampler)
         device = self._execution_device
@@ -260,7 +279,8 @@ class SynthPipeline(DiffusionPipeline):
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
             part = {k: v[lo:hi].to(device) for k, v in conds.items()}
             z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
-                               guidance_interval=guidance_interval, guide=guided, clip_denoised=clip_denoised)
+                               guidance_interval=guidance_interval, guide=guided, clip_denoised=clip_denoised,
+                               init_latents=None if init is None else init[lo:hi], strength=strength)
             if output_type == "latent":
                 latents.append(z.cpu())
             else:
@@ -317,7 +337,6 @@ class SynthPipeline(DiffusionPipeline):
         return [Image.fromarray(im) for im in images]
 
 
-_KEYS = {"embeddings or images": ("embeddings",), "class_labels": ("class_labels",), "prompts": ("text",)}
 
 
 _GUIDE = {"embeddings": "embeddings", "images": "embeddings", "labels": "class_labels",

@@ -126,6 +126,8 @@ def sample_latents(
     progress: bool = False,
     guide: Collection[str] | None = None,
     clip_denoised: float | tuple | None = None,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Denoise from per-sample noise to clean latents.
 
@@ -147,6 +149,12 @@ def sample_latents(
         clip_denoised: keep the (guided) denoised estimate x0 of every step in this latent
             range: a bound c for [-c, c], or (lo, hi) with a number or one value per channel, in
             the VAE's normalised units (see :func:`clamp_denoised`). None: no clipping.
+        init_latents, strength: SDEdit (Meng et al. 2022), as diffusers' img2img pipelines do:
+            the clean latents (B, C, H, W) are noised to the timestep ``strength`` of the way
+            along the trajectory, with each sample's own noise, and only the last
+            ``max(1, int(num_steps * strength))`` steps run, so the output keeps the reference's
+            layout (low strength) or departs from it (high). ``strength`` 1 (or no
+            ``init_latents``) starts from pure noise: exactly the plain sampler.
 
     Returns:
         Latents (B, C, H, W) in the VAE's normalised space.
@@ -159,7 +167,21 @@ def sample_latents(
     p = next(model.parameters())
     x = initial_noise((cfg.in_channels, size, size), generators, p.device, p.dtype)
     scheduler.set_timesteps(num_steps, device=p.device)
-    x = x * scheduler.init_noise_sigma
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    timesteps, start = scheduler.timesteps, 0
+    if init_latents is not None and strength < 1:
+        if tuple(init_latents.shape) != tuple(x.shape):
+            raise ValueError(f"init_latents: shape {tuple(init_latents.shape)}, the sampler draws {tuple(x.shape)}")
+        start = (num_steps - max(1, int(num_steps * strength))) * scheduler.order
+        timesteps = timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        init = init_latents.to(p.device, p.dtype)
+        t0 = timesteps[:1].expand(B)
+        x = scheduler.scale_noise(init, t0, x) if hasattr(scheduler, "scale_noise") else scheduler.add_noise(init, x, t0)
+    else:
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch schedulers have none: sigma 1 is pure noise
     guided = guidance_scale != 1.0
     if guided:
         null = model.null_conditions(B, device=p.device)
@@ -167,8 +189,8 @@ def sample_latents(
         null = {k: v for k, v in null.items() if guide is None or k in guide}
         both = {k: torch.cat([v, null.get(k, v).to(v.dtype)]) for k, v in conditions.items() if v is not None}
     n = len(scheduler.timesteps)
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
-        xin = scheduler.scale_model_input(x, t)
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False), start=start):
+        xin = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         tt = t.expand(B).to(p.device)
         pos = i / max(n - 1, 1)
         if guided and (guidance_interval is None or guidance_interval[0] <= pos <= guidance_interval[1]):
