@@ -22,7 +22,10 @@ Image- and slide-disjoint from training. ``--split val`` for choices, ``test`` t
    (Dice, object F1 at IoU 0.5). Ceiling: the same pseudo-labeller on the real tile, which is
    weak against expert maps (Dice about 0.4), so the segmenter-free :func:`nuclear_contrast`
    (hematoxylin inside minus outside the mask's nuclei) is reported beside it.
-4. A grid (``OUT/grid.png``): real tiles, their variations, source-only samples, and mask-guided
+4. **Beside the previous default** (``--v1 PIPELINE``, a 64 px model at 1 um/px): both judged at
+   1 um/px, the real tiles and the v2 images box-downsampled 2x, v1's variations made from the
+   downsampled tiles; the same encoder-free report at the 1 um/px nucleus size.
+5. A grid (``OUT/grid.png``): real tiles, their variations, source-only samples, and mask-guided
    samples with the mask's outlines.
 
     OMP_NUM_THREADS=2 python benchmarks/default_v2_quality.py checkpoints/synthgen-v2 --split test
@@ -91,7 +94,7 @@ def _summary(reports: list[dict]) -> dict:
 
 def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "runs" / "data" / "v2",
         mask_data: Path = REPO / "runs" / "data" / "v2_masks", seeds=(0, 1, 2), steps: int = 12,
-        guidance: float = 2.0, n_splits: int = 10) -> dict:
+        guidance: float = 2.0, n_splits: int = 10, v1: Path | None = None) -> dict:
     from PIL import Image
     from skimage.segmentation import find_boundaries
     from sklearn.linear_model import LogisticRegression
@@ -150,31 +153,50 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
     for k, v in feats.items():
         source_acc[k] = float(np.mean([(clf.predict(scaler.transform(f)) == y).mean() for f in v]))
 
-    m_real, m_labels, m_sources, m_masks = _load(_tables(mask_data, True) / f"{split}.csv")
-    seg = lambda im: segment_nuclei(im, diameter=SEG_DIAMETER_PX)  # noqa: E731
+    at_1um = {}
+    if v1 is not None:
+        down = lambda x: torch.nn.functional.avg_pool2d(x.float(), 2).round().to(torch.uint8)  # noqa: E731
+        old = SynthPipeline.from_pretrained(v1)
+        old.set_progress_bar_config(disable=True)
+        r64, d1 = down(real), nucleus_diameter_px(1.0)
+        f64 = handcrafted_features(r64, d1)
+        reps = {"v1 variations": [], "v2 variations (downsampled)": []}
+        for j, s in enumerate(seeds):
+            ids = [s * 100_000 + i for i in range(n)]
+            ims = old(images=r64, seeds=ids, **kw).images
+            for name, x in (("v1 variations", ims), ("v2 variations (downsampled)", down(sets["variations"][j]))):
+                reps[name].append(encoder_free_report(r64, x, seed=j, n_splits=n_splits, diameter=d1, real_features=f64))
+        at_1um = {k: _summary(v) for k, v in reps.items()}
+        ref64 = encoder_free_report(r64, down(train[pick]), seed=0, n_splits=n_splits, diameter=d1, real_features=f64)
+        at_1um["real training tiles (other images, downsampled)"] = {"ratio_mean": ref64["ratio_to_floor"]}
+        at_1um["real, Gaussian blur sigma 1 px"] = {"ratio_mean": ref64["ratio_blurred"]}
+
     hwc = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
-    adherence, mask_images = {}, {}
-    for s in seeds:
-        ids = [s * 100_000 + i for i in range(len(m_real))]
-        arms = {"mask + embedding": dict(images=m_real, masks=m_masks, sources=m_sources),
-                "embedding, no mask (same seeds)": dict(images=m_real, sources=m_sources),
-                "mask alone": dict(masks=m_masks)}
-        for name, cond in arms.items():
-            ims = hwc(pipe(seeds=ids, **cond, **kw).images)
-            mask_images.setdefault(name, ims)
-            rep = mask_adherence(ims, m_masks, seg)
-            adherence.setdefault(name, []).append({k: rep[k] for k in ("dice", "object_f1")} | {
-                "contrast": nuclear_contrast(ims, m_masks)})
-    keys = ("dice", "object_f1", "contrast")
-    adherence = {k: {m: float(np.mean([r[m] for r in v])) for m in keys} | {
-        "dice_std": float(np.std([r["dice"] for r in v]))} for k, v in adherence.items()}
-    ceiling = mask_adherence(hwc(m_real), m_masks, seg)
-    adherence["real tile (ceiling)"] = {k: ceiling[k] for k in ("dice", "object_f1")} | {
-        "contrast": nuclear_contrast(hwc(m_real), m_masks)}
+    adherence, mask_images, m_real = {}, {}, torch.zeros(0)
+    if pipe.controlnet is not None:  # the mask section needs a mask branch
+        m_real, m_labels, m_sources, m_masks = _load(_tables(mask_data, True) / f"{split}.csv")
+        seg = lambda im: segment_nuclei(im, diameter=SEG_DIAMETER_PX)  # noqa: E731
+        for s in seeds:
+            ids = [s * 100_000 + i for i in range(len(m_real))]
+            arms = {"mask + embedding": dict(images=m_real, masks=m_masks, sources=m_sources),
+                    "embedding, no mask (same seeds)": dict(images=m_real, sources=m_sources),
+                    "mask alone": dict(masks=m_masks)}
+            for name, cond in arms.items():
+                ims = hwc(pipe(seeds=ids, **cond, **kw).images)
+                mask_images.setdefault(name, ims)
+                rep = mask_adherence(ims, m_masks, seg)
+                adherence.setdefault(name, []).append({k: rep[k] for k in ("dice", "object_f1")} | {
+                    "contrast": nuclear_contrast(ims, m_masks)})
+        keys = ("dice", "object_f1", "contrast")
+        adherence = {k: {m: float(np.mean([r[m] for r in v])) for m in keys} | {
+            "dice_std": float(np.std([r["dice"] for r in v]))} for k, v in adherence.items()}
+        ceiling = mask_adherence(hwc(m_real), m_masks, seg)
+        adherence["real tile (ceiling)"] = {k: ceiling[k] for k in ("dice", "object_f1")} | {
+            "contrast": nuclear_contrast(hwc(m_real), m_masks)}
 
     g = torch.Generator().manual_seed(0)
     pick = torch.randperm(n, generator=g)[:12].tolist()
-    mpick = torch.randperm(len(m_real), generator=g)[:12].tolist()
+    mpick = torch.randperm(max(len(m_real), 1), generator=g)[:12].tolist()
 
     def outline(ims, masks):
         ims = ims.copy()
@@ -183,10 +205,11 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
         return list(ims)
 
     rows = [("real", [real[i] for i in pick]), ("variations", [sets["variations"][0][i] for i in pick]),
-            ("source-only", [sets["source-only"][0][i] for i in pick]),
-            ("real + mask", outline(hwc(m_real[mpick]), m_masks[mpick])),
-            ("mask + emb", outline(mask_images["mask + embedding"][mpick], m_masks[mpick])),
-            ("mask alone", outline(mask_images["mask alone"][mpick], m_masks[mpick]))]
+            ("source-only", [sets["source-only"][0][i] for i in pick])]
+    if mask_images:
+        rows += [("real + mask", outline(hwc(m_real[mpick]), m_masks[mpick])),
+                 ("mask + emb", outline(mask_images["mask + embedding"][mpick], m_masks[mpick])),
+                 ("mask alone", outline(mask_images["mask alone"][mpick], m_masks[mpick]))]
     image_grid(rows, tile=128).save(out / "grid.png")
     for k, v in sets.items():  # the first seed's images, for looking at
         d = out / k
@@ -197,7 +220,7 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
     result = {"pipeline": str(pipeline), "split": split, "n_tiles": n, "n_mask_tiles": len(m_real),
               "seeds": list(seeds), "steps": steps, "guidance": guidance, "encoder_free": free,
               "references": references, "encoder_fd_own_encoder": enc_fd, "source_accuracy": source_acc,
-              "mask_adherence": adherence, "timing": timing, "grid": str(out / "grid.png")}
+              "mask_adherence": adherence, "at_1um_per_px": at_1um, "timing": timing, "grid": str(out / "grid.png")}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -212,10 +235,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=12, help="DPM-Solver++ steps")
     ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--v1", type=Path, default=None, help="the previous default pipeline, judged beside at 1 um/px "
+                    "(e.g. checkpoints/synthgen-small-cmu)")
     a = ap.parse_args()
     out = a.out or REPO / "runs" / "v2_quality" / a.split
     t0 = time.perf_counter()
-    r = run(a.pipeline, out, a.split, a.data, a.mask_data, tuple(a.seeds), a.steps, a.guidance)
+    r = run(a.pipeline, out, a.split, a.data, a.mask_data, tuple(a.seeds), a.steps, a.guidance, v1=a.v1)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{time.perf_counter() - t0:.0f} s")
     print(f"{r['pipeline']} on {r['split']} ({r['n_tiles']} tiles, {r['n_mask_tiles']} with expert masks), "
@@ -231,6 +256,10 @@ def main() -> None:
     print("mask adherence vs expert masks:")
     for k, v in r["mask_adherence"].items():
         print(f"  {k:35s} Dice {v['dice']:.3f}  object F1 {v['object_f1']:.3f}  nuclear H contrast {v['contrast']:.3f}")
+    if r["at_1um_per_px"]:
+        print("at 1 um/px, encoder-free FD / floor:")
+        for k, v in r["at_1um_per_px"].items():
+            print(f"  {k:48s} {v['ratio_mean']:7.2f}x" + (f" +- {v['ratio_std']:.2f}" if "ratio_std" in v else ""))
     v = r["encoder_free"]["variations"]["ratio_mean"]
     print(f"grid: {r['grid']}")
     print(f"headline: default_v2_variations_vs_floor ratio={1 / v:.4f}")

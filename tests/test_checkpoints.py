@@ -100,3 +100,13 @@ def test_shipped_ki67_model_turns_he_into_ihc_colours(real):
     assert rgb[2] - rgb[0] > he[2] - he[0] + 10, (rgb, he)  # eosin pink gone, hematoxylin-blue counterstain
     for img in out:
         assert img.std() > 5 and _smoothness(img) < 0.6
+
+
+def test_every_shipped_model_family_states_its_licence():
+    """Issue 22, item 5: each checkpoint folder carries a LICENSE derived from its training data."""
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    for family in sorted(p for p in root.iterdir() if p.is_dir()):
+        text = (family / "LICENSE").read_text()
+        assert "training data" in text or "trained on data" in text, family
+    assert "Commons Clause" in (root / "synthgen-small-cmu" / "LICENSE").read_text()  # stains/ki67: DeepLIIF
+    assert "CC BY-NC-SA 4.0" in (root / "synthgen-v2" / "LICENSE").read_text()  # MoNuSeg

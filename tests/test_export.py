@@ -36,6 +36,7 @@ def generated(cmu, tmp_path_factory):
     build_cache(Labelled(root / "tiles.csv"), root / "cache", {"emb": enc}, progress=False)
     SynthPipeline(Denoiser(**denoiser_config("tiny")).eval(), VAE.from_preset("tiny").model.eval(),
                   make_scheduler("epsilon"), image_encoder=enc).save_pretrained(root / "pipe")
+    (root / "pipe" / "LICENSE").write_text("Weights: CC BY-NC-SA 4.0 (trained on MoNuSeg), non-commercial.\n")
     run_cli(["generate", str(root / "pipe"), "-o", str(root / "gen"), "-n", "6", "--cache", str(root / "cache"),
           "--class", "1", "--filter", "--steps", "2"])
     run_cli(["generate", str(root / "pipe"), "-o", str(root / "gen0"), "-n", "4", "--cache", str(root / "cache"),
@@ -49,6 +50,8 @@ def test_export_loads_in_its_ecosystem_and_verifies(generated, tmp_path, fmt):
     run_cli(["export", str(generated / "gen"), "-o", str(out), "--format", fmt, "--class-names", "benign,tumour"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_items"] == 6 and m["classes"] == {"tumour": 6} and (out / "DATASHEET.md").exists()
+    sheet = (out / "DATASHEET.md").read_text()  # the generating model's licence travels with its data
+    assert "Licence of the generating model" in sheet and "CC BY-NC-SA 4.0 (trained on MoNuSeg)" in sheet
     if fmt == "imagefolder":
         from torchvision.datasets import ImageFolder
 

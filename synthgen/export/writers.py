@@ -168,7 +168,7 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
             "num_items": len(records),
             "classes": dict(sorted(labels.items())),
             "generator": {k: src.get(k) for k in ("model_sha256", "mode", "guidance_scale", "num_inference_steps",
-                                                  "sampler", "seed")},
+                                                  "sampler", "seed", "model_licence")},
             "recipe_sha256": src.get("recipe_sha256"),
             "acceptance_rate": src.get("acceptance_rate"),
             "dropped_rejected": drop_rejected,
@@ -237,6 +237,10 @@ def _datasheet(m: dict, licence: str, purpose: str | None) -> str:
                   "No memorisation audit was run for this export. Do not share it outside your institution "
                   "before auditing it against the training data (nearest-neighbour check of every item).")
     n_masks = sum("mask" in r for r in m["items"])
+    model_licence = ("\n### Licence of the generating model\nThe weights that generated these images carry their "
+                     "training data's terms (the model's LICENSE, copied here). They may restrict what this dataset "
+                     "can be used for (e.g. non-commercial use only):\n\n```\n" + g["model_licence"] + "\n```\n"
+                     if g.get("model_licence") else "")
     pairs = (f"\n{n_masks} images are segmentation pairs: each comes with the label map it was generated from "
              "(16/8-bit PNG, 0 = background, 1..N = one id per nucleus), so mask and image agree by construction "
              "up to the model's mask adherence." if n_masks else "")
@@ -278,7 +282,7 @@ were chosen, not observed); claims about real morphology not checked against rea
 
 ## Licence
 {licence}
-"""
+{model_licence}"""
 
 
 def verify_export(folder: str | os.PathLike) -> dict:

@@ -43,6 +43,13 @@ def resolve_class(value, names: list[str] | None, where: str) -> int | None:
     return found[0]
 
 
+def model_licence(pipeline) -> str | None:
+    """The text of ``PIPELINE/LICENSE`` (the licence its weights carry, from their training data),
+    or None for a folder without one (e.g. a hub id)."""
+    path = Path(pipeline) / "LICENSE"
+    return path.read_text().strip() if path.is_file() else None
+
+
 def shipped(pipeline, name: str) -> Path | None:
     """``PIPELINE/bank`` (labelled feature cache) or ``PIPELINE/prior`` (embedding prior) when shipped."""
     path = Path(pipeline) / name
@@ -275,6 +282,9 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
             "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed}
     if names and label is not None:
         meta["class_name"] = names[label]
+    licence = model_licence(pipeline)
+    if licence is not None:
+        meta["model_licence"] = licence
     if use_filter and reference is None:
         meta["realism"] = {"skipped": NO_REALISM_REFERENCE}
     path = merge_manifest(out, len(plan), meta)
