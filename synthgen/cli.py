@@ -312,6 +312,10 @@ def train(config, overrides, resume, stop_at, print_config, force):
                    "for the --filter realism check; its threshold is calibrated on them [default: --images].")
 @click.option("--guidance", type=float, default=2.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampling steps.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="With --images: anchored variations (SDEdit). Each image starts from its reference's latent "
+                   "noised this fraction of the way, so 0.3-0.6 keeps the reference's layout and changes its "
+                   "details; 1 starts from pure noise (only the reference's embedding is kept).")
 @click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default=None,
               help="Override the pipeline's scheduler.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Job seed: image i gets seed*1000000 + i.")
@@ -325,7 +329,7 @@ def train(config, overrides, resume, stop_at, print_config, force):
               help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
                    "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
 def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-             realism_ref, guidance, steps, sampler, seed, batch_size, masks_dir, controlnet, force):
+             realism_ref, guidance, steps, strength, sampler, seed, batch_size, masks_dir, controlnet, force):
     """Generate a synthetic dataset with PIPELINE (a SynthPipeline folder).
 
     Splits across processes under `accelerate launch` / `torchrun` (each writes its own share;
@@ -343,7 +347,8 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
         path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
                             embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
                             use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
-                            batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref)
+                            batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref,
+                            strength=strength)
     if path is not None:
         click.echo(f"{num_images} images -> {out} (manifest: {path})")
         if use_filter:

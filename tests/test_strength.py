@@ -82,3 +82,53 @@ def test_strength_with_a_flow_scheduler():
     low_a, low_b = run(a, 0.2), run(b, 0.2)
     assert float((low_b - low_a).mean()) > 0.5  # 80% of the way to clean: the init latents show through
 
+
+
+def test_generate_cli_strength(refs, tmp_path, capsys):
+    """``synthgen generate --images DIR --strength`` keeps each image near its recorded reference."""
+    import json
+
+    from cli_helpers import run_cli
+    from PIL import Image
+
+    from synthgen.cli import main
+
+    (tmp_path / "refs").mkdir()
+    for i, r in enumerate(refs):
+        Image.fromarray(r.permute(1, 2, 0).numpy()).save(tmp_path / "refs" / f"{i}.png")
+    ref_arr = [np.asarray(Image.open(tmp_path / "refs" / f"{i}.png")).astype(float) for i in range(len(refs))]
+    dist = {}
+    for s in ("0.25", "1.0"):
+        out = tmp_path / f"gen{s}"
+        run_cli(["generate", str(SHIPPED), "-o", str(out), "-n", "6", "--images", str(tmp_path / "refs"),
+                 "--strength", s, "--steps", "8"])
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["strength"] == float(s)
+        dist[s] = np.mean([np.abs(np.asarray(Image.open(out / it["file"])).astype(float)
+                                  - ref_arr[int(sorted(p.name for p in (tmp_path / "refs").iterdir())[it["reference"]][0])]).mean()
+                           for it in m["items"]])
+    assert dist["0.25"] < 0.6 * dist["1.0"], dist
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(SHIPPED), "-o", str(tmp_path / "bad"), "-n", "2", "--strength", "0.5", "--steps", "2"])
+    assert e.value.code != 0 and "needs --images" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(SHIPPED), "-o", str(tmp_path / "bad2"), "-n", "2", "--strength", "1.5"])
+    assert e.value.code == 2 and "--strength" in capsys.readouterr().err
+
+
+def test_synth_augment_generator_strength(refs):
+    from synthgen.augment.synth_augment import PipelineGenerator
+    from synthgen.errors import SynthgenError
+
+    dist = {}
+    for s in (0.25, 1.0):
+        gen = PipelineGenerator(str(SHIPPED), mode="variation", strength=s)
+        dist[s] = float((gen([0] * len(refs), refs, list(range(len(refs)))).float() - refs.float()).abs().mean())
+        if s == 1.0:  # the default keeps the cache keys of before
+            assert gen.fingerprint() == PipelineGenerator(str(SHIPPED), mode="variation").fingerprint()
+    assert dist[0.25] < 0.6 * dist[1.0], dist
+    assert PipelineGenerator(str(SHIPPED), strength=0.5).fingerprint() != PipelineGenerator(str(SHIPPED)).fingerprint()
+    with pytest.raises(SynthgenError, match="needs mode='variation'"):
+        PipelineGenerator(str(SHIPPED), mode="class", strength=0.5)
+    with pytest.raises(SynthgenError, match=r"strength must be in \(0, 1\]"):
+        PipelineGenerator(str(SHIPPED), strength=1.5)

@@ -81,6 +81,10 @@ class PipelineGenerator:
         prior: ``prior`` mode: an :class:`~synthgen.models.prior.EmbeddingPrior` or its folder
             (default: the pipeline folder's ``prior/``).
         controlnet_conditioning_scale: ``mask`` mode: strength of the mask branch.
+        strength: ``variation`` mode: below 1, anchored variations (SDEdit): each synthetic image
+            starts from its reference's latent noised this fraction of the way, so it keeps the
+            reference's layout (and, with a mask dataset, stays near its mask); 1 (default)
+            starts from pure noise and keeps only the reference's embedding.
         device: where the pipeline runs (e.g. ``"cuda:1"``: a GPU kept for generation, typically
             with ``SynthAugment.pregenerate(background=True)``, whose process is spawned); default
             CPU. DataLoader workers that generate on a GPU need
@@ -94,9 +98,15 @@ class PipelineGenerator:
 
     def __init__(self, pipeline, mode: str = "variation", guidance_scale: float = 2.0, num_inference_steps: int = 8,
                  classes: Sequence[str] | Mapping[int, int | str] | None = None, prior=None,
-                 controlnet_conditioning_scale: float = 1.0, device: str | torch.device | None = None):
+                 controlnet_conditioning_scale: float = 1.0, device: str | torch.device | None = None,
+                 strength: float = 1.0):
         if mode not in MODES:
             raise SynthgenError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not 0 < strength <= 1:
+            raise SynthgenError(f"strength must be in (0, 1], got {strength}")
+        if strength < 1 and mode != "variation":
+            raise SynthgenError(f"strength < 1 (anchored variations) needs mode='variation', got mode={mode!r}")
+        self.strength = strength
         self.source, self.mode = pipeline, mode
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
         self.controlnet_conditioning_scale = controlnet_conditioning_scale
@@ -144,7 +154,8 @@ class PipelineGenerator:
             h = hashlib.sha256(json.dumps({
                 "mode": self.mode, "guidance": self.guidance_scale, "steps": self.num_inference_steps,
                 "controlnet_scale": self.controlnet_conditioning_scale,
-                "classes": sorted((self.class_map or {}).items())}).encode())
+                "classes": sorted((self.class_map or {}).items())} | (
+                    {"strength": self.strength} if self.strength != 1 else {})).encode())  # old cache keys stay
             for src in (self.source, self.prior_source):
                 if src is not None:
                     h.update(_model_hash(src).encode())
@@ -161,6 +172,8 @@ class PipelineGenerator:
             kw["class_labels"] = labels
         elif self.mode == "variation":
             kw["images"] = references
+            if self.strength != 1:
+                kw["strength"] = self.strength
         elif self.mode == "prior":
             kw["embeddings"] = self._prior_embeddings(labels, seeds)
         else:

@@ -82,8 +82,11 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
         from synthgen.data.datasets import ImageListDataset
 
         ds = ImageListDataset.from_folder(images_dir, size=pipe.image_size)
-        refs = pipe.encode_images(torch.stack([ds[i]["image"] for i in range(len(ds))])).cpu()
-        return GenerationPlan(refs[torch.randint(0, len(refs), (n,), generator=g)], labels, seeds, "variations")
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        refs = pipe.encode_images(images).cpu()
+        pick = torch.randint(0, len(refs), (n,), generator=g)
+        return GenerationPlan(refs[pick], labels, seeds, "variations", references=images,
+                              reference_index=pick.tolist())
     if bank is None:
         raise SynthgenError(f"--mode {mode} needs --cache (the real embeddings) or --images")
     embs, bank_labels = bank
@@ -179,7 +182,8 @@ def filter_summary(manifest: dict) -> list[str]:
 
 
 def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-                 guidance, steps, sampler, seed, batch_size, masks_dir=None, controlnet=None, realism_ref=None):
+                 guidance, steps, sampler, seed, batch_size, masks_dir=None, controlnet=None, realism_ref=None,
+                 strength: float = 1.0):
     """``synthgen generate``. A pipeline folder may ship ``bank/`` (labelled real embeddings, the
     default for --cache when a class, the filter or a bank mode needs one) and ``prior/`` (the
     default --prior); ``label`` is a class id or a class name of the prior or bank.
@@ -195,6 +199,8 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     (image i gets mask i mod M) and written beside them as segmentation pairs; without another
     condition source the images are sampled from the masks alone. ``controlnet``: a mask branch
     folder replacing the pipeline's own."""
+    if strength < 1 and images_dir is None:
+        raise SynthgenError("--strength below 1 (anchored variations) needs --images: the reference tiles to start from")
     import hashlib
 
     from accelerate import PartialState
@@ -272,14 +278,15 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
         class_filter, encoder = ClassFilter(*bank), pipe.image_encoder
     run_plan(pipe, plan, out, rank=state.process_index, world=state.num_processes, guidance_scale=guidance,
              num_inference_steps=steps, batch_size=batch_size, class_filter=class_filter, encoder=encoder,
-             progress=state.is_main_process)
+             progress=state.is_main_process, strength=strength)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     model_hash = hashlib.sha256((Path(pipeline) / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
                                 ).hexdigest()[:16] if (Path(pipeline) / "transformer").exists() else None
     meta = {"model_sha256": model_hash, "mode": plan.kind, "class": label, "guidance_scale": guidance,
-            "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed}
+            "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed,
+            "strength": strength}
     if names and label is not None:
         meta["class_name"] = names[label]
     licence = model_licence(pipeline)

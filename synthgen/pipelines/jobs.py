@@ -31,6 +31,10 @@ class GenerationPlan:
     seeds: list[int]
     kind: str  # what the conditions are: variations / prior / interpolation / class / embedding / mask
     masks: list[Path] | None = None
+    # variations of reference images: the images (uint8 (R, 3, H, W)) and each item's index into
+    # them, so that anchored variations (strength < 1) can start from the reference's latent
+    references: torch.Tensor | None = None
+    reference_index: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -51,11 +55,12 @@ def _done(out: Path) -> dict[int, dict]:
 
 def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 0, world: int = 1,
              guidance_scale: float = 2.0, num_inference_steps: int = 20, batch_size: int = 16,
-             class_filter=None, encoder=None, progress: bool = True) -> int:
+             class_filter=None, encoder=None, progress: bool = True, strength: float = 1.0) -> int:
     """Generate this process's share of ``plan`` into ``out``; returns the number of new images.
 
     Args:
         pipe: a :class:`~synthgen.pipelines.generate.SynthPipeline`.
+        strength: below 1, anchored variations (SDEdit) of the plan's reference images.
         class_filter, encoder: when given, each image is re-encoded and ``accepted`` records
             whether it is nearest to its own class (see :class:`~synthgen.pipelines.rare.ClassFilter`).
     """
@@ -77,7 +82,9 @@ def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 
     for lo in range(0, len(mine), batch_size):
         idx = mine[lo : lo + batch_size]
         kw = {}
-        if plan.embeddings is not None:
+        if strength < 1:  # the pipeline re-encodes the references (the same embeddings) and starts from their latents
+            kw["images"], kw["strength"] = plan.references[[plan.reference_index[i] for i in idx]], strength
+        elif plan.embeddings is not None:
             kw["embeddings"] = plan.embeddings[idx]
         if pipe.transformer.config.num_classes:
             kw["class_labels"] = torch.tensor([plan.labels[i] if plan.labels[i] is not None else -1 for i in idx])
@@ -99,6 +106,8 @@ def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 
                     Image.fromarray(res.images[k].permute(1, 2, 0).numpy()).save(tmp)
                 rec = {"index": i, "file": rel, "seed": plan.seeds[i], "label": plan.labels[i],
                        "condition": plan.kind, "accepted": accepted[k]}
+                if plan.reference_index is not None:
+                    rec["reference"] = plan.reference_index[i]
                 if masks is not None:  # the condition mask, paired with its image (a segmentation pair)
                     rec["mask"] = f"masks/{i:07d}.png"
                     write_label_map(out / rec["mask"], masks[k])
