@@ -314,8 +314,9 @@ def train(config, overrides, resume, stop_at, print_config, force):
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampling steps.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="With --images: anchored variations (SDEdit). Each image starts from its reference's latent "
-                   "noised this fraction of the way, so 0.3-0.6 keeps the reference's layout and changes its "
-                   "details; 1 starts from pure noise (only the reference's embedding is kept).")
+                   "noised this fraction of the way along the sampling trajectory: low values (0.1-0.4 with the "
+                   "shipped models' linear noise schedule) keep the reference's coarse layout and re-draw its "
+                   "detail; 1 starts from pure noise (only the reference's embedding is kept).")
 @click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default=None,
               help="Override the pipeline's scheduler.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Job seed: image i gets seed*1000000 + i.")
