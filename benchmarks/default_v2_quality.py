@@ -49,8 +49,8 @@ SEG_DIAMETER_PX = 10  # the pseudo-labeller's nucleus size: best object F1 again
 
 def nuclear_contrast(images: np.ndarray, masks: np.ndarray) -> float:
     """Mean hematoxylin optical density inside the mask's nuclei minus outside them, averaged
-    over images: about 0.1-0.2 on real tiles with their own masks, about 0 for an image that
-    ignores its mask. It needs no segmenter, so it holds where the pseudo-labeller is weak."""
+    over images: 0.041 on the v2 test tiles with their own expert masks, about 0 for an image
+    that ignores its mask. It needs no segmenter, so it holds where the pseudo-labeller is weak."""
     from skimage.color import rgb2hed
 
     vals = []
