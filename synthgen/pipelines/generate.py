@@ -260,8 +260,6 @@ class SynthPipeline(DiffusionPipeline):
         if strength != 1.0:
             if images is None:
                 raise ValueError("strength= needs images= (the references to start from)")
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
             ref = _as_uint8_tensor(images)
             if tuple(ref.shape[-2:]) != (self.image_size, self.image_size):
                 raise ValueError(f"strength= needs references of {self.image_size} px (the model's size), "

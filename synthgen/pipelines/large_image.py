@@ -64,6 +64,7 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
     from tqdm.auto import tqdm
 
     from synthgen.models.vae import VAE, to_uint8
+    from synthgen.pipelines.sampling import init_sigma, scale_input
 
     model, sched = pipe.transformer, pipe.scheduler
     cfg = model.config
@@ -87,7 +88,7 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, cfg.in_channels, lat, lat, generator=g).to(p.device, p.dtype)
     sched.set_timesteps(num_inference_steps, device=p.device)
-    x = x * getattr(sched, "init_noise_sigma", 1.0)  # FlowMatch schedulers have none
+    x = x * init_sigma(sched)
     w = _weights(win, p.device)
     windows = [(y, xx, emb[i, j]) for i, y in enumerate(ys) for j, xx in enumerate(xs)]
     conds = torch.stack([e for *_, e in windows]).to(p.device)
@@ -97,7 +98,7 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
         cond_kw["class_labels"] = labels
     null = model.null_conditions(len(windows), device=p.device)
     for t in tqdm(sched.timesteps, desc="large image", disable=not progress, leave=False):
-        xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+        xin = scale_input(sched, x, t)
         crops = torch.cat([xin[:, :, y : y + win, xx : xx + win] for y, xx, _ in windows])
         tt = t.expand(len(windows)).to(p.device)
         out = model(crops, tt, **cond_kw).sample[:, : cfg.in_channels]

@@ -108,6 +108,18 @@ def clamp_denoised(out: torch.Tensor, xin: torch.Tensor, t, scheduler, step: int
     return (xin - a * torch.maximum(torch.minimum(x0, hi), lo)) / s
 
 
+def scale_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
+    """The model input at timestep ``t``: ``scheduler.scale_model_input`` where the scheduler has
+    one (FlowMatch schedulers have none: their input is the sample itself)."""
+    return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+
+
+def init_sigma(scheduler) -> float:
+    """The scale of pure noise at the first step (FlowMatch schedulers have no
+    ``init_noise_sigma``: sigma 1 is pure noise)."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
 def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device, dtype) -> torch.Tensor:
     """One noise tensor per sample, each from its own generator (CPU, for reproducibility)."""
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device, dtype)
@@ -181,7 +193,7 @@ def sample_latents(
         t0 = timesteps[:1].expand(B)
         x = scheduler.scale_noise(init, t0, x) if hasattr(scheduler, "scale_noise") else scheduler.add_noise(init, x, t0)
     else:
-        x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch schedulers have none: sigma 1 is pure noise
+        x = x * init_sigma(scheduler)
     guided = guidance_scale != 1.0
     if guided:
         null = model.null_conditions(B, device=p.device)
@@ -190,7 +202,7 @@ def sample_latents(
         both = {k: torch.cat([v, null.get(k, v).to(v.dtype)]) for k, v in conditions.items() if v is not None}
     n = len(scheduler.timesteps)
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False), start=start):
-        xin = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        xin = scale_input(scheduler, x, t)
         tt = t.expand(B).to(p.device)
         pos = i / max(n - 1, 1)
         if guided and (guidance_interval is None or guidance_interval[0] <= pos <= guidance_interval[1]):
