@@ -32,27 +32,38 @@ DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "checkpoints" / "synthg
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--guidance", type=float, default=2.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image-guidance", type=float, default=None,
+              help="Spatial translators: guidance on the source image, separate from --guidance on the "
+                   "stain embedding (InstructPix2Pix) [default: none, the source is always given].")
 @click.option("--keep-glass/--no-keep-glass", "glass", default=True, show_default=True,
               help="Slide region: where the source is glass, keep glass (the translator only knows tissue).")
-def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, steps, guidance, seed, glass):
+def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, steps, guidance, seed, image_guidance,
+          glass):
     """Virtual IHC of SOURCE: a folder of H&E tiles (at the model's tile size and resolution) or a
     slide / large image, of which the region (--x, --y, --size at --mpp) is translated window by
     window and written as a pyramidal TIFF that OpenSlide and QuPath open.
 
     The source embedding is translated into the target stain's embedding and decoded by the
-    denoiser adapted to that stain (PixCell's route); --structure also keeps the source's nuclei
-    in place. Score the output with `synthgen eval stain REAL_IHC VIRTUAL_IHC`.
+    denoiser adapted to that stain (PixCell's route). A spatial translator (the shipped Ki67 and
+    PanCK models) also sees the source tile itself and keeps its layout; with an embedding-only
+    model, --structure keeps at least the source's nuclei in place. Score the output with
+    `synthgen eval stain REAL_IHC VIRTUAL_IHC --source SOURCE`.
     """
     import numpy as np
     from PIL import Image
 
     from synthgen._io import atomic_save_png
-    from synthgen.pipelines.stain import load_stain, virtual_stain
+    from synthgen.pipelines.stain import is_spatial, load_stain, virtual_stain
 
     try:
         pipe, translator = load_stain(pipeline or DEFAULT_PIPELINE, stain)
     except SynthgenError as e:
         raise click.BadParameter(str(e), param_hint="--to / --pipeline") from e
+    if structure and is_spatial(pipe):
+        raise click.UsageError(f"--structure: this pipeline's {stain} translator sees the source image and keeps "
+                               "its layout by itself; drop --structure")
+    if image_guidance is not None and not is_spatial(pipe):
+        raise click.UsageError(f"--image-guidance: this pipeline's {stain} model is embedding-only (no source image)")
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -62,7 +73,8 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
         if tiles is None:
             raise click.UsageError(f"{source}: images differ in size; virtual staining takes tiles of one size")
         images = virtual_stain(pipe, translator, tiles, stain, seeds=[seed + i for i in range(len(tiles))],
-                               num_inference_steps=steps, guidance_scale=guidance, structure=structure)
+                               num_inference_steps=steps, guidance_scale=guidance, structure=structure,
+                               image_guidance_scale=image_guidance)
         for f, im in zip(files, images, strict=True):
             dest = out / f.relative_to(source).with_suffix(".png")
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -72,11 +84,12 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
     if structure:
         raise click.UsageError("--structure works on tiles (a folder); a slide region uses the embedding route")
     path = _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed,
-                         glass)
+                         glass, image_guidance)
     click.echo(f"virtual {stain}, {size}x{size} px -> {path} (+ {path.with_suffix('.png').name})")
 
 
-def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed, glass):
+def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed, glass,
+                  image_guidance=None):
     import torch
     from PIL import Image
 
@@ -86,16 +99,20 @@ def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_m
         region_embeddings,
         write_pyramidal_tiff,
     )
-    from synthgen.pipelines.stain import keep_glass
+    from synthgen.pipelines.stain import is_spatial, keep_glass, virtual_stain_region
 
     win = pipe.image_size
     with Slide(source, mpp=slide_mpp) as s:
         region = s.read(x, y, size, mpp)
-    grid = region_embeddings(pipe, region, win // 2)
-    emb = translator.translate(grid.flatten(0, 1), stain, generator=torch.Generator().manual_seed(seed))
-    grid = emb.reshape(*grid.shape[:2], *emb.shape[1:])
-    image = generate_large(pipe, grid, size, overlap=win // 2, seed=seed, guidance_scale=guidance,
-                           num_inference_steps=steps)
+    if is_spatial(pipe):  # window by window from the source's own pixels, blended over the overlaps
+        image = virtual_stain_region(pipe, translator, region, stain, seed=seed, num_inference_steps=steps,
+                                     guidance_scale=guidance, image_guidance_scale=image_guidance)
+    else:
+        grid = region_embeddings(pipe, region, win // 2)
+        emb = translator.translate(grid.flatten(0, 1), stain, generator=torch.Generator().manual_seed(seed))
+        grid = emb.reshape(*grid.shape[:2], *emb.shape[1:])
+        image = generate_large(pipe, grid, size, overlap=win // 2, seed=seed, guidance_scale=guidance,
+                               num_inference_steps=steps)
     if glass:
         image = keep_glass(region, image)
     out = Path(out)
@@ -110,13 +127,18 @@ def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_m
 @click.argument("virtual", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-e", "--encoder", "encoder_spec", default=None,
               help="Encoder spec for a Frechet distance in its feature space (e.g. ssl:checkpoints/...).")
+@click.option("--source", "source_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The source (H&E) tiles the virtual ones were made from (same file names): adds the structure "
+                   "score, Dice of the source's nuclei vs the virtual tile's.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the scores here.")
-def eval_stain(real, virtual, encoder_spec, json_out):
+def eval_stain(real, virtual, encoder_spec, source_dir, json_out):
     """Paired stain scores of VIRTUAL IHC tiles against the REAL IHC tiles of the same places
     (files paired by name): PSNR, SSIM, DAB- and hematoxylin-positive area fractions per tile
-    (colour deconvolution) with their Pearson/Spearman correlation, and optionally a Frechet
-    distance in an encoder's space. Consecutive-section pairs are never pixel-exact, so read the
-    DAB correlation before the pixel scores.
+    (colour deconvolution) with their Pearson/Spearman correlation, the Frechet distance of
+    hand-crafted colour and texture features (no encoder) and optionally one in an encoder's
+    space; with --source, the structure score (does the virtual tile keep the source's nuclei
+    where they are?). Consecutive-section pairs are never pixel-exact, so read the DAB
+    correlation and the structure score before the pixel scores.
     """
     import json
 
@@ -132,6 +154,12 @@ def eval_stain(real, virtual, encoder_spec, json_out):
         raise click.UsageError(f"{virtual}: no virtual tile for {', '.join(missing[:5]) or 'any real tile'} "
                                "(tiles are paired by file name)")
 
+    if source_dir is not None:
+        gone = [str(f.relative_to(real)) for f in files
+                if not any((source_dir / f.relative_to(real)).with_suffix(s).exists() for s in (f.suffix, ".png"))]
+        if gone:
+            raise click.UsageError(f"{source_dir}: no source tile for {', '.join(gone[:5])} (tiles are paired by name)")
+
     def load(folder, f):
         p = folder / f.relative_to(real)
         return np.asarray(Image.open(p if p.exists() else p.with_suffix(".png")).convert("RGB"))
@@ -141,12 +169,16 @@ def eval_stain(real, virtual, encoder_spec, json_out):
         from synthgen.encoders.load import load_encoder
 
         encoder = load_encoder(encoder_spec)
+    src = None if source_dir is None else np.stack([load(source_dir, f) for f in files])
     rep = stain_report(np.stack([load(real, f) for f in files]), np.stack([load(virtual, f) for f in files]),
-                       encoder, per_patch=False)
+                       encoder, per_patch=False, source=src, encoder_free=True)
     d = rep["dab"]
     click.echo(f"{rep['n']} pairs: PSNR {rep['psnr']:.2f} dB, SSIM {rep['ssim']:.3f}; DAB fraction real "
                f"{d['real_mean']:.3f} virtual {d['virtual_mean']:.3f}, Pearson {d.get('pearson', float('nan')):.3f}, "
-               f"Spearman {d.get('spearman', float('nan')):.3f}" + (f"; FD {rep['fd']:.3f}" if "fd" in rep else ""))
+               f"Spearman {d.get('spearman', float('nan')):.3f}; encoder-free FD {rep['fd_free']:.2f}"
+               + (f"; FD {rep['fd']:.3f}" if "fd" in rep else "")
+               + (f"; structure Dice {rep['structure']['dice']:.3f} (real IHC vs source: "
+                  f"{rep['structure_real']['dice']:.3f})" if src is not None else ""))
     if json_out:
         from synthgen._io import atomic_write_text
 
@@ -187,8 +219,10 @@ def _band(ctx, param, value):
 @click.option("--downsample", type=click.IntRange(min=1), default=1, show_default=True,
               help="Shrink both images by this integer factor (box filter) before cutting, e.g. 4 for "
                    "DeepLIIF's ~0.25 um/px panels -> ~1 um/px.")
+@click.option("--stain", default=None,
+              help="With a pair split file as SOURCE (.csv): the target stain whose rows to cut, e.g. ki67.")
 def pairs(source, target, out, source_landmarks, target_landmarks, deepliif, size, stride, test_stride, min_tissue,
-          holdout, dihedral, downsample):
+          holdout, dihedral, downsample, stain):
     """Cut aligned patch pairs of two stains into pix2pix-style folders (the input of
     `synthgen cache` for training a virtual stain).
 
@@ -200,10 +234,40 @@ def pairs(source, target, out, source_landmarks, target_landmarks, deepliif, siz
       synthgen pairs Rat-Kidney_HE.jpg Rat-Kidney_PanCytokeratin.jpg -o runs/panck/pairs \\
           --source-landmarks Rat-Kidney_HE.csv --target-landmarks Rat-Kidney_PanCytokeratin.csv \\
           --size 64 --stride 16 --test-stride 32 --holdout 0.4:0.6 --dihedral
+
+    SOURCE can also be a pair split file (.csv, e.g. recipes/data/stain_pairs.csv): every row of
+    --stain is registered or aligned, downsampled and split as its row says (test: empty for
+    training only, 'all' for a held-out image, X0:X1 for a held-out band), into one folder:
+
+    \b
+      synthgen pairs recipes/data/stain_pairs.csv --stain ki67 -o runs/ki67/pairs --size 64 --stride 16 --dihedral
     """
-    from synthgen.data.pair_folders import downsample_pair, write_pair_folders
+    from synthgen.data.pair_folders import downsample_pair, table_pairs, write_pair_folders
     from synthgen.data.pairs import deepliif_pair, register_sections
 
+    if source.suffix.lower() == ".csv":
+        given = [n for n, v in (("TARGET", target), ("--source-landmarks", source_landmarks),
+                                ("--target-landmarks", target_landmarks), ("--deepliif", deepliif),
+                                ("--holdout", holdout), ("--downsample", downsample != 1)) if v]
+        if given:
+            raise click.UsageError(f"a pair split file sets these per row: drop {', '.join(given)}")
+        if not stain:
+            raise click.UsageError("a pair split file needs --stain (the target stain whose rows to cut)")
+        try:
+            found, bands = table_pairs(source, stain)
+            for p in found:
+                if p.registration is not None:
+                    r = p.registration
+                    click.echo(f"{p.name}: registered by {r.method}"
+                               + (f" (landmark residual {r.error_px:.1f} px)" if r.method == "landmarks" else f" (NCC {r.ncc:.3f})"))
+            info = write_pair_folders(found, out, size, stride, test_stride, min_tissue, bands, dihedral)
+        except SynthgenError as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"{info['counts']['train']} training and {info['counts']['test']} test pairs of {len(found)} "
+                   f"image pairs -> {out}")
+        return
+    if stain:
+        raise click.UsageError("--stain goes with a pair split file (.csv) as SOURCE")
     if deepliif:
         if target is not None:
             raise click.UsageError("--deepliif takes one strip (SOURCE) and no TARGET")
@@ -227,7 +291,8 @@ def pairs(source, target, out, source_landmarks, target_landmarks, deepliif, siz
 @click.option("--lora", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="OUTPUT_DIR/model of a LoRA denoiser run (lora.rank > 0) on this pipeline's denoiser.")
 @click.option("--transformer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A fully fine-tuned IHC denoiser instead of --lora.")
+              help="A fully fine-tuned IHC denoiser instead of --lora, or a spatial translator (task: "
+                   "stain_denoiser), with or without --lora (then the stain has both routes).")
 @click.option("--vae", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="OUTPUT_DIR/model of a decoder fine-tune on this stain (`model.freeze_encoder: true`).")
 @click.option("--overwrite", is_flag=True, help="Replace the stain if the pipeline has it already.")

@@ -166,7 +166,7 @@ class DataConfig:
     use_labels: bool = False  # class-conditional denoiser: read "label" from the cache/dataset (-1: unlabelled)
     use_source: bool = False  # source-conditional denoiser: read "source" (tissue-source id) from the cache
     mask_key: str = "mask"  # controlnet: the cache entry holding label maps
-    target_cache: str | None = None  # translator: the target-stain cache paired item by item with ``cache``
+    target_cache: str | None = None  # translator, stain_denoiser: the target-stain cache paired item by item with ``cache``
     vae: str | None = None  # VAE folder: on-the-fly latents and decoded sample grids
     encoder: str | None = None  # encoder spec for on-the-fly embeddings (see synthgen cache --help)
     num_workers: int = 2
@@ -200,6 +200,7 @@ class ObjectiveConfig:
     cfg_dropout_embeddings: float = 0.0
     cfg_dropout_labels: float = 0.0
     cfg_dropout_sources: float = 0.0
+    cfg_dropout_image: float = 0.0  # stain_denoiser: the source image's latents alone (zeros, InstructPix2Pix)
     kl_weight: float = 1e-6  # VAE only
     # VAE only, the sharpness terms (synthgen.models.discriminator): L1 on image gradients, L1 on
     # log Fourier amplitudes, and a PatchGAN hinge loss whose generator term starts at
@@ -226,7 +227,8 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         _positive("objective.num_train_timesteps", self.num_train_timesteps)
-        for name in ("cfg_dropout", "cfg_dropout_embeddings", "cfg_dropout_labels", "cfg_dropout_sources"):
+        for name in ("cfg_dropout", "cfg_dropout_embeddings", "cfg_dropout_labels", "cfg_dropout_sources",
+                     "cfg_dropout_image"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"objective.{name}: must be in [0, 1), got {getattr(self, name)}")
         for name in ("kl_weight", "gradient_weight", "frequency_weight", "adversarial_weight", "adversarial_start"):
@@ -283,7 +285,7 @@ class LoraConfig:
 class TrainConfig:
     """A training run. Load from YAML with :func:`load_train_config`."""
 
-    task: Literal["denoiser", "controlnet", "vae", "ssl", "prior", "translator"]
+    task: Literal["denoiser", "controlnet", "vae", "ssl", "prior", "translator", "stain_denoiser"]
     output_dir: str
     steps: int
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -89,7 +89,9 @@ class StainStep:
     source: str | None = None  # a folder of tiles; default: the tile step's tiles
     real: str | None = None  # real target-stain tiles with the source's file names: scored (stain.json)
     n: int = 32  # tiles taken from the tile step
-    structure: bool = False  # keep the source's nuclei in place (mask branch)
+    structure: bool = False  # embedding route: keep the source's nuclei in place (mask branch)
+    route: Literal["spatial", "embedding"] | None = None  # default: spatial where the stain has it (keeps the layout)
+    image_guidance: float | None = None  # spatial route: guidance on the source image (None: none)
     guidance: float = 2.0
     steps: int = 20
     seed: int = 0
@@ -383,10 +385,13 @@ class _Steps:
         import numpy as np
         from PIL import Image
 
-        from synthgen.pipelines.stain import load_stain, virtual_stain
+        from synthgen.pipelines.stain import is_spatial, load_stain, virtual_stain
 
         s = self.r.stain
-        pipe, translator = load_stain(s.pipeline, s.to)
+        pipe, translator = load_stain(s.pipeline, s.to, route="embedding" if s.structure else s.route)
+        if s.structure and s.route == "spatial":
+            raise ConfigError("stain.structure: the mask branch is for route: embedding; the spatial route keeps "
+                              "the source's layout by itself (drop structure)")
         if s.source:
             from synthgen.data.slides import IMAGE_SUFFIXES
 
@@ -401,17 +406,28 @@ class _Steps:
             names = [f"{int(i):06d}.png" for i in idx]
             tiles = np.stack([ds[int(i)]["image"].permute(1, 2, 0).numpy() for i in idx])
         images = virtual_stain(pipe, translator, tiles, s.to, seeds=[s.seed + i for i in range(len(tiles))],
-                               num_inference_steps=s.steps, guidance_scale=s.guidance, structure=s.structure)
+                               num_inference_steps=s.steps, guidance_scale=s.guidance, structure=s.structure,
+                               image_guidance_scale=s.image_guidance)
         out = self.out / "stain"
         for name, src, im in zip(names, tiles, images, strict=True):
             for sub, arr in (("virtual", im), ("source", src)):
                 (out / sub / name).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(arr).save(out / sub / name)
+        import torch
+
+        from synthgen.metrics.stain import structure_score
+        from synthgen.training.tasks import _save_grid
+
+        k = min(len(tiles), 8)  # sources above, their virtual IHC below, in pairs of rows
+        rows = [r for lo in range(0, len(tiles), k) for r in (tiles[lo : lo + k], images[lo : lo + k]) if len(r) == k]
+        _save_grid(torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2), out / "contact_sheet.png", nrow=k)
+        atomic_write_text(out / "structure.json", json.dumps(
+            {"route": "spatial" if is_spatial(pipe) else "embedding", **structure_score(tiles, images)}, indent=1))
         if s.real:
             from synthgen.metrics.stain import stain_report
 
             real = np.stack([np.asarray(Image.open(Path(s.real) / n).convert("RGB")) for n in names])
-            atomic_write_text(out / "stain.json", json.dumps(stain_report(real, images), indent=1))
+            atomic_write_text(out / "stain.json", json.dumps(stain_report(real, images, source=tiles), indent=1))
 
     def export(self):
         from synthgen.cli import _audit
@@ -506,6 +522,11 @@ def _summary(recipe: Recipe, out: Path, report: dict) -> str:
         audit = m.get("privacy_audit") or {}
         lines.append(f"- export: {m['num_items']} items ({m['format']}) in {out / 'export'}; "
                      f"audit: {audit.get('n_flagged', 'not run')} flagged of {audit.get('n_checked', '-')}")
+    stain = out / "stain" / "structure.json"
+    if recipe.stain and stain.exists():
+        st = json.loads(stain.read_text())
+        lines.append(f"- virtual {recipe.stain.to} ({st['route']} route): {st['n']} tiles in {out / 'stain'}; layout kept: "
+                     f"nuclei Dice vs the source {st['dice']:.2f} (source | virtual: stain/contact_sheet.png)")
     rare = out / "rare" / "manifest.json"
     if rare.exists():
         m = json.loads(rare.read_text())

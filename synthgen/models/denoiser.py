@@ -9,7 +9,12 @@ how the cross-attention sequence is built from conditions:
 - **class labels** (B,) through a learned class table, one token (e.g. the Kather tissue class);
 - **source labels** (B,) through a second learned table, one token (the dataset / tissue source
   a tile comes from: scanner, stain protocol and organ travel with it);
-- **text tokens** (B, T, C_text) projected to C.
+- **text tokens** (B, T, C_text) projected to C;
+- **source latents** (B, C_s, H, W), concatenated to the noisy latents on the channel axis
+  (InstructPix2Pix, Brooks et al. 2023): a spatial condition at full latent resolution, e.g. the
+  H&E tile a virtual IHC tile must keep the layout of. Their null is zeros, as in
+  InstructPix2Pix; :meth:`Denoiser.with_source_channels` adds them to a trained model with
+  zero-initialised input weights, so the adapted model starts as the base model.
 
 The sequence is ``[embedding tokens, class token, source token, text tokens]`` (each part only
 when the model has it). All tokens share PixArt's caption MLP. Each condition kind has its own
@@ -99,6 +104,8 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
             that pipelines accept names; from the feature cache when training).
         text_channels: width of text-encoder tokens (None: no text conditioning).
         text_num_tokens: text tokens per prompt.
+        source_channels: channels of the source latents concatenated to the input (0: none);
+            ``in_channels`` stays the channels of the latents the model denoises.
         cond_interpolation_scale: scale of the embedding-token positional embedding (PixCell: 2).
 
     Use ``save_pretrained`` / ``from_pretrained`` (diffusers layout; a local folder or a hub id,
@@ -139,20 +146,22 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         num_sources: int = 0,
         class_names: list[str] | None = None,
         source_names: list[str] | None = None,
+        source_channels: int = 0,
     ):
         if caption_channels is None:
             raise ValueError("Denoiser needs caption_channels (the width of the condition tokens)")
         inner = num_attention_heads * attention_head_dim
         if cross_attention_dim != inner:
             raise ValueError(f"cross_attention_dim ({cross_attention_dim}) must equal heads x head_dim ({inner})")
-        if not (use_embeddings or num_classes or num_sources or text_channels):
-            raise ValueError("Denoiser needs at least one condition: embeddings, classes, sources or text")
+        if not (use_embeddings or num_classes or num_sources or text_channels or source_channels):
+            raise ValueError("Denoiser needs at least one condition: embeddings, classes, sources, text or source latents")
         for what, names, n in (("class_names", class_names, num_classes), ("source_names", source_names, num_sources)):
             if names is not None and len(names) != n:
                 raise ValueError(f"{what} has {len(names)} names for {n} ids")
         super().__init__(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-            in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, dropout=dropout,
+            in_channels=in_channels + source_channels, out_channels=out_channels or in_channels,
+            num_layers=num_layers, dropout=dropout,
             norm_num_groups=norm_num_groups, cross_attention_dim=cross_attention_dim,
             attention_bias=attention_bias, sample_size=sample_size, patch_size=patch_size,
             activation_fn=activation_fn, num_embeds_ada_norm=num_embeds_ada_norm,
@@ -161,6 +170,8 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
             interpolation_scale=interpolation_scale, use_additional_conditions=use_additional_conditions,
             caption_channels=caption_channels, attention_type=attention_type,
         )
+        # PixArt's own decorated __init__ recorded the widened input; the config keeps the latents' channels
+        self.register_to_config(in_channels=in_channels, out_channels=out_channels)
         self.caption_projection = ConditionProjection(caption_channels, inner, caption_num_tokens)
         if not use_embeddings:  # the null embedding is only meaningful for embedding tokens
             del self.caption_projection.uncond_embedding
@@ -195,6 +206,9 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         if cfg.text_channels:
             t = self.uncond_text
             out["text"] = t.to(device or t.device, dtype or t.dtype).expand(batch_size, -1, -1)
+        if cfg.source_channels:  # zeros, broadcast over the latent grid (expand to (B, C_s, H, W) to concatenate)
+            out["source_latents"] = torch.zeros(batch_size, cfg.source_channels, 1, 1, device=device,
+                                                dtype=dtype or torch.float32)
         return out
 
     def drop_conditions(self, drop: torch.Tensor | Mapping[str, torch.Tensor],
@@ -202,7 +216,7 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         """Replace the conditions of the samples where ``drop`` (B,) is True by the null ones.
 
         ``drop`` is one mask for every condition, or a mapping condition name (``embeddings``,
-        ``class_labels``, ``source_labels``, ``text``) -> mask, so that each condition is dropped
+        ``class_labels``, ``source_labels``, ``text``, ``source_latents``) -> mask, so that each condition is dropped
         independently (a condition the mapping does not name is kept). Used for guidance
         dropout in training and to build mixed conditional/unconditional batches at sampling time.
         """
@@ -285,6 +299,7 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         text: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         source_labels: torch.Tensor | None = None,
+        source_latents: torch.Tensor | None = None,
         added_cond_kwargs: dict | None = None,
         cross_attention_kwargs: dict | None = None,
         return_dict: bool = True,
@@ -297,7 +312,19 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         """
         if embeddings is None:
             embeddings = encoder_hidden_states
-        tokens = self.condition_tokens(embeddings, class_labels, text, source_labels=source_labels)
+        tokens = self.condition_tokens(embeddings, class_labels, text, source_labels=source_labels,
+                                       batch_size=hidden_states.shape[0])
+        cs = self.config.source_channels
+        if cs:
+            if source_latents is None:
+                raise ValueError(f"this Denoiser is conditioned on source latents: pass source_latents (B, {cs}, H, W) "
+                                 "(zeros for none)")
+            b, _, h, w = hidden_states.shape
+            if source_latents.ndim != 4 or source_latents.shape[1] != cs:
+                raise ValueError(f"source_latents must have shape (B, {cs}, H, W), got {tuple(source_latents.shape)}")
+            hidden_states = torch.cat([hidden_states, source_latents.to(hidden_states.dtype).expand(b, cs, h, w)], 1)
+        elif source_latents is not None:
+            raise ValueError("source_latents: this Denoiser has no source channels (see Denoiser.with_source_channels)")
         if timestep.ndim == 0:
             timestep = timestep.expand(hidden_states.shape[0])
         if self.use_additional_conditions and added_cond_kwargs is None:
@@ -306,6 +333,22 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
             hidden_states, encoder_hidden_states=tokens, timestep=timestep, added_cond_kwargs=added_cond_kwargs,
             cross_attention_kwargs=cross_attention_kwargs, return_dict=return_dict, **kwargs,
         )
+
+    @classmethod
+    def with_source_channels(cls, base: Denoiser, source_channels: int | None = None) -> Denoiser:
+        """``base`` with ``source_channels`` (default: its latent channels) more input channels for
+        source latents, their patch-embedding weights zero-initialised (InstructPix2Pix): the new
+        model's output equals the base's for any source until it is trained."""
+        cfg = {k: v for k, v in base.config.items() if k != "_use_default_values"}  # else from_config drops ours
+        if cfg.get("source_channels"):
+            raise ValueError(f"the base denoiser has source channels already ({cfg['source_channels']})")
+        cfg["source_channels"] = source_channels or cfg["in_channels"]
+        new = cls.from_config(cfg)
+        state = dict(base.state_dict())
+        w = state["pos_embed.proj.weight"]
+        state["pos_embed.proj.weight"] = torch.cat([w, w.new_zeros(w.shape[0], cfg["source_channels"], *w.shape[2:])], 1)
+        new.load_state_dict(state)
+        return new.to(device=base.device)
 
     def resized(self, sample_size: int) -> Denoiser:
         """The same weights at another latent size, for progressive-resolution training.

@@ -180,6 +180,8 @@ class SynthPipeline(DiffusionPipeline):
         guide: Sequence[str] | None = None,
         clip_denoised: float | tuple | None = CLIP_DENOISED,
         strength: float = 1.0,
+        source_images=None,
+        image_guidance_scale: float | None = None,
     ):
         """Generate ``num_images_per_condition`` images for each condition.
 
@@ -228,6 +230,12 @@ class SynthPipeline(DiffusionPipeline):
                 low values keep its layout and high values only its embedding's content; 1
                 (default) starts from pure noise, as without it. The images must be
                 ``image_size`` px.
+            source_images: for a transformer with source channels (an image-to-image model such
+                as a virtual-IHC translator): the N source images (``image_size`` px) whose VAE
+                latents it sees at full resolution; each output keeps its source's layout.
+            image_guidance_scale: guidance on the source image, separate from ``guidance_scale``
+                on the other conditions (InstructPix2Pix; see ``sample_latents``). None keeps the
+                source in both guidance passes.
 
         Returns:
             :class:`SynthOutput` with ``images`` and ``seeds``.
@@ -251,6 +259,18 @@ class SynthPipeline(DiffusionPipeline):
             model.conditioning_scale = controlnet_conditioning_scale
         else:
             conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder, labels, sources)
+        if self.transformer.config.get("source_channels", 0):
+            if source_images is None:
+                raise ValueError("this pipeline's transformer translates images: pass source_images= (the N source "
+                                 f"tiles, {self.image_size} px)")
+            src = _as_uint8_tensor(source_images)
+            if tuple(src.shape[-2:]) != (self.image_size, self.image_size):
+                raise ValueError(f"source_images must be {self.image_size} px (the model's size), got {tuple(src.shape[-2:])}")
+            with torch.no_grad():
+                conds["source_latents"] = self._vae().encode(src.to(self._execution_device)).float()
+            n = _same(n, len(src), "source_images")
+        elif source_images is not None:
+            raise ValueError("source_images= needs a transformer with source channels (an image-to-image model)")
         if n is None:
             raise ValueError("give at least one condition (embeddings, images, class_labels or prompts)")
         guided = _guided_keys(guide)
@@ -278,7 +298,8 @@ class SynthPipeline(DiffusionPipeline):
             part = {k: v[lo:hi].to(device) for k, v in conds.items()}
             z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
                                guidance_interval=guidance_interval, guide=guided, clip_denoised=clip_denoised,
-                               init_latents=None if init is None else init[lo:hi], strength=strength)
+                               init_latents=None if init is None else init[lo:hi], strength=strength,
+                               image_guidance_scale=image_guidance_scale)
             if output_type == "latent":
                 latents.append(z.cpu())
             else:

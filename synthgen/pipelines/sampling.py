@@ -140,6 +140,7 @@ def sample_latents(
     clip_denoised: float | tuple | None = None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
+    image_guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """Denoise from per-sample noise to clean latents.
 
@@ -167,6 +168,11 @@ def sample_latents(
             ``max(1, int(num_steps * strength))`` steps run, so the output keeps the reference's
             layout (low strength) or departs from it (high). ``strength`` 1 (or no
             ``init_latents``) starts from pure noise: exactly the plain sampler.
+        image_guidance_scale: for a model with source latents (``conditions["source_latents"]``),
+            guide on the source image and on the other conditions separately, as InstructPix2Pix
+            does (Brooks et al. 2023): out = u + s_I (c_I - u) + s (c - c_I), where u has every
+            guided condition and the source at their nulls, c_I only the source given and c all;
+            ``guidance_scale`` is s. None: the source is kept in both passes of plain guidance.
 
     Returns:
         Latents (B, C, H, W) in the VAE's normalised space.
@@ -194,21 +200,32 @@ def sample_latents(
         x = scheduler.scale_noise(init, t0, x) if hasattr(scheduler, "scale_noise") else scheduler.add_noise(init, x, t0)
     else:
         x = x * init_sigma(scheduler)
-    guided = guidance_scale != 1.0
+    conditions = {k: v for k, v in conditions.items() if v is not None}
+    image = image_guidance_scale is not None and "source_latents" in conditions
+    guided = guidance_scale != 1.0 or (image and image_guidance_scale != 1.0)
     if guided:
         null = model.null_conditions(B, device=p.device)
-        # conditions without a null (a mask) or not guided are kept in both halves: guidance acts on the others
-        null = {k: v for k, v in null.items() if guide is None or k in guide}
-        both = {k: torch.cat([v, null.get(k, v).to(v.dtype)]) for k, v in conditions.items() if v is not None}
+        # conditions without a null (a mask) or not guided are kept in every pass: guidance acts on the others
+        null = {k: v for k, v in null.items() if guide is None or k in guide or (image and k == "source_latents")}
+
+        def nulled(keys) -> dict[str, torch.Tensor]:
+            return {k: null[k].to(v.dtype).expand_as(v) if k in keys else v for k, v in conditions.items()}
+
+        others = {k for k in null if k != "source_latents"} if image else set(null)
+        passes = [conditions, nulled(others)] + ([nulled(set(null))] if image else [])
+        stacked = {k: torch.cat([c[k] for c in passes]) for k in conditions}
     n = len(scheduler.timesteps)
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False), start=start):
         xin = scale_input(scheduler, x, t)
         tt = t.expand(B).to(p.device)
         pos = i / max(n - 1, 1)
         if guided and (guidance_interval is None or guidance_interval[0] <= pos <= guidance_interval[1]):
-            out = model(torch.cat([xin, xin]), torch.cat([tt, tt]), **both).sample[:, : cfg.in_channels]
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            k = len(passes)
+            out = model(torch.cat([xin] * k), torch.cat([tt] * k), **stacked).sample[:, : cfg.in_channels].chunk(k)
+            if image:  # out = (c, c_I, u)
+                out = out[2] + image_guidance_scale * (out[1] - out[2]) + guidance_scale * (out[0] - out[1])
+            else:
+                out = out[1] + guidance_scale * (out[0] - out[1])
         else:
             out = model(xin, tt, **conditions).sample[:, : cfg.in_channels]
         if clip_denoised is not None:

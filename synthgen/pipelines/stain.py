@@ -10,6 +10,12 @@
 (:func:`~synthgen.data.nuclei.segment_nuclei`), so nuclei stay where they are in the H&E; the
 embedding-only mode keeps the tissue's character but not its layout.
 
+**Spatial translators** (``stains/<name>/transformer`` with source channels, trained with
+``task: stain_denoiser``) see the source tile itself: its VAE latents are concatenated to the
+denoiser's input (InstructPix2Pix), so the whole layout (nuclei, stroma, glands, glass) carries
+over, and the translated embedding sets the stain's character. Guidance on the source image
+(``image_guidance_scale``) and on the embedding (``guidance_scale``) are separate.
+
 A pipeline folder holds its stains as ``stains/<name>/translator`` plus ``stains/<name>/lora``
 (``lora_adapter.safetensors`` + ``lora_config.json``) or ``stains/<name>/transformer``, and
 optionally ``stains/<name>/vae``: a decoder fine-tuned on that stain over the same (frozen)
@@ -63,11 +69,17 @@ def merge_lora(denoiser, lora_dir: str | os.PathLike):
     return out
 
 
-def load_stain(pipeline_dir: str | os.PathLike, stain: str):
+def load_stain(pipeline_dir: str | os.PathLike, stain: str, route: str | None = None):
     """(IHC pipeline, translator) for ``stain`` from a pipeline folder's ``stains/``.
 
+    Args:
+        route: ``spatial`` (the denoiser that sees the source image, ``transformer/`` with source
+            channels), ``embedding`` (PixCell's embedding-only route: ``lora/`` or a plain
+            ``transformer/``), or None: spatial where the stain has it, else embedding.
+
     Raises:
-        StainError: unknown stain name, or no model for it in this pipeline (lists those there).
+        StainError: unknown stain name, no model for it in this pipeline (lists those there), or
+            no model of the asked route.
     """
     from synthgen.data.pairs import resolve_stain
     from synthgen.models.denoiser import Denoiser
@@ -80,20 +92,31 @@ def load_stain(pipeline_dir: str | os.PathLike, stain: str):
         have = available_stains(pipeline_dir)
         raise StainError(f"{pipeline_dir}: no virtual-{name} model (stains/{name}/translator); "
                          f"this pipeline has: {', '.join(have) or 'no stain models'}")
+    if route not in (None, "spatial", "embedding"):
+        raise StainError(f"route must be spatial or embedding, got {route!r}")
     pipe = SynthPipeline.from_pretrained(pipeline_dir)
-    if (folder / "lora").is_dir():
+    full = Denoiser.from_pretrained(folder / "transformer") if (folder / "transformer").is_dir() else None
+    has_spatial = full is not None and bool(full.config.source_channels)
+    if route == "spatial" and not has_spatial:
+        raise StainError(f"{folder}: no spatial translator (transformer/ with source channels; train one with "
+                         "task: stain_denoiser)")
+    if (route == "spatial" or route is None) and has_spatial:
+        transformer = full
+    elif (folder / "lora").is_dir():
         transformer = merge_lora(pipe.transformer, folder / "lora")
-    elif (folder / "transformer").is_dir():
-        transformer = Denoiser.from_pretrained(folder / "transformer")
+    elif full is not None and not has_spatial:
+        transformer = full
     else:
-        raise StainError(f"{folder}: needs lora/ (an adapter) or transformer/ (a fine-tuned denoiser)")
+        raise StainError(f"{folder}: needs lora/ (an adapter) or transformer/ (a fine-tuned denoiser)"
+                         + (" for the embedding route" if route == "embedding" else ""))
     vae = pipe.vae
     if (folder / "vae").is_dir():
         from synthgen.models.vae import StrictAutoencoderKL
 
         vae = StrictAutoencoderKL.from_pretrained(folder / "vae")
+    spatial = bool(transformer.config.get("source_channels", 0))  # the mask branch was trained on the base inputs
     ihc = SynthPipeline(transformer, vae, pipe.scheduler, image_encoder=pipe.image_encoder,
-                        controlnet=pipe.controlnet)
+                        controlnet=None if spatial else pipe.controlnet)
     ihc.set_progress_bar_config(disable=True)
     return ihc, StainTranslator.from_pretrained(folder / "translator")
 
@@ -108,7 +131,9 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
         translator: a ``task: translator`` model trained for ``stain``.
         lora: a ``task: denoiser`` model trained with ``lora.rank > 0`` on the pipeline's denoiser
             (its ``lora_adapter.safetensors``; rank and alpha from ``lora_config.json`` or the
-            run's ``config.json``), or ``transformer``: a fully fine-tuned denoiser.
+            run's ``config.json``), or ``transformer``: a fully fine-tuned denoiser. Both when the
+            transformer is a spatial translator (``task: stain_denoiser``): the stain then has
+            both routes (see :func:`load_stain`).
         vae: optional decoder fine-tuned on the stain (``model.freeze_encoder``).
         overwrite: replace a stain already there.
 
@@ -133,8 +158,17 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
     dest = pipeline_dir / "stains" / name
     if dest.exists() and not overwrite:
         raise StainError(f"{dest} exists: pass overwrite=True (--overwrite) to replace it")
-    if (lora is None) == (transformer is None):
-        raise StainError("give the IHC denoiser as exactly one of lora (an adapter run) or transformer (a fine-tune)")
+    if lora is None and transformer is None:
+        raise StainError("give the IHC denoiser: lora (an adapter run), transformer (a fine-tune or a spatial "
+                         "translator), or both (an adapter and a spatial translator)")
+    if lora is not None and transformer is not None:
+        try:
+            both_ok = bool(Denoiser.load_config(transformer).get("source_channels"))
+        except OSError as e:
+            raise StainError(f"{transformer}: not a denoiser model folder ({e})") from e
+        if not both_ok:
+            raise StainError("lora and transformer together: the transformer must be a spatial translator "
+                             "(task: stain_denoiser); give one fine-tuned embedding-route denoiser or the other")
     try:
         tr = StainTranslator.from_pretrained(translator)
         tr.stain_ids(name)
@@ -162,7 +196,7 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
                 (tmp / "lora" / "lora_config.json").write_text(json.dumps(
                     {"rank": run["rank"], "alpha": run.get("alpha") or run["rank"]}))
             merge_lora(Denoiser.from_pretrained(pipeline_dir, subfolder="transformer"), tmp / "lora")
-        else:
+        if transformer is not None:
             Denoiser.from_pretrained(transformer)
             shutil.copytree(transformer, tmp / "transformer")
         if vae is not None:
@@ -209,14 +243,23 @@ def keep_glass(source: np.ndarray, virtual: np.ndarray, feather: float = 1.5) ->
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def is_spatial(pipe) -> bool:
+    """Whether the IHC pipeline's denoiser sees the source image (a spatial translator)."""
+    return bool(pipe.transformer.config.get("source_channels", 0))
+
+
 def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inference_steps: int = 20,
-                  guidance_scale: float = 2.0, structure: bool = False, batch_size: int = 32) -> np.ndarray:
+                  guidance_scale: float = 2.0, structure: bool = False, batch_size: int = 32,
+                  image_guidance_scale: float | None = None) -> np.ndarray:
     """Virtual ``stain`` tiles (uint8 (B, H, W, 3)) for source tiles ``images`` (uint8 (B, 3, H, W)
     or (B, H, W, 3), at the model's tile size).
 
     Args:
-        structure: also condition on the source tile's nuclei through the mask branch.
+        structure: also condition on the source tile's nuclei through the mask branch (embedding
+            route only: a spatial translator keeps the whole layout by itself).
         seeds: one per image (the translator's and the denoiser's noise); default 0..B-1.
+        image_guidance_scale: spatial translators: guidance on the source image (None: the
+            source is kept in both guidance passes, guidance acts on the embedding alone).
     """
     from synthgen.data.nuclei import segment_nuclei
     from synthgen.pipelines.generate import _as_uint8_tensor
@@ -231,9 +274,58 @@ def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inferenc
     g = torch.Generator().manual_seed(seeds[0] if seeds else 0)
     emb = translator.translate(src.cpu(), stain, generator=g)
     kw = {}
-    if structure:
+    if is_spatial(pipe):
+        if structure:
+            raise StainError("structure mode is for the embedding route; this stain's translator sees the source "
+                             "image and keeps its layout without it")
+        kw.update(source_images=x, image_guidance_scale=image_guidance_scale)
+    elif structure:
         if pipe.controlnet is None:
             raise StainError("structure-preserving mode needs a pipeline with a mask branch (controlnet/)")
         kw["masks"] = np.stack([segment_nuclei(im) for im in x.permute(0, 2, 3, 1).numpy()])
     return pipe(embeddings=emb, seeds=seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 batch_size=batch_size, output_type="np", **kw).images
+
+
+def virtual_stain_region(pipe, translator, region: np.ndarray, stain: str, seed: int = 0, overlap: int | None = None,
+                         num_inference_steps: int = 20, guidance_scale: float = 2.0,
+                         image_guidance_scale: float | None = None, batch_size: int = 32,
+                         progress: bool = True) -> np.ndarray:
+    """Virtual ``stain`` of a large source image (uint8 (H, W, 3)) with a spatial translator:
+    overlapping model-size windows (``overlap`` px, default half a window), each translated from
+    its own source pixels with seed ``seed + window index``, blended with linear ramps over the
+    overlaps (every window keeps its source's layout, so only colour needs blending).
+
+    Raises:
+        StainError: the pipeline is not a spatial translator, or the image is smaller than a window.
+    """
+    if not is_spatial(pipe):
+        raise StainError("virtual_stain_region needs a spatial translator (stains/<name>/transformer with source "
+                         "channels); the embedding route uses synthgen.pipelines.large_image.generate_large")
+    win = pipe.image_size
+    ov = win // 2 if overlap is None else int(overlap)
+    h, w = region.shape[:2]
+    if h < win or w < win or not 0 <= ov < win:
+        raise StainError(f"region {h}x{w} px: needs at least one {win} px window and 0 <= overlap < {win}")
+    step = win - ov
+
+    def starts(n: int) -> list[int]:
+        out = list(range(0, n - win + 1, step))
+        return out if out[-1] == n - win else out + [n - win]
+
+    corners = [(y, x) for y in starts(h) for x in starts(w)]
+    ramp = np.minimum(np.arange(win) + 1, np.arange(win)[::-1] + 1).astype(np.float64)
+    weight = np.minimum(np.minimum.outer(ramp, ramp), max(ov, 1))[..., None]  # flat inside, ramps in the overlaps
+    acc, tot = np.zeros((h, w, 3)), np.zeros((h, w, 1))
+    from tqdm.auto import tqdm
+
+    for lo in tqdm(range(0, len(corners), batch_size), desc=f"virtual {stain}", disable=not progress, leave=False):
+        part = corners[lo : lo + batch_size]
+        tiles = np.stack([region[y : y + win, x : x + win] for y, x in part])
+        out = virtual_stain(pipe, translator, tiles, stain, seeds=[seed + lo + i for i in range(len(part))],
+                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            image_guidance_scale=image_guidance_scale, batch_size=batch_size)
+        for (y, x), im in zip(part, out, strict=True):
+            acc[y : y + win, x : x + win] += im * weight
+            tot[y : y + win, x : x + win] += weight
+    return np.clip(np.round(acc / tot), 0, 255).astype(np.uint8)

@@ -227,14 +227,14 @@ class DenoiserTask(Task):
         probability (no extra draws when those are 0, so older configs train exactly as before)."""
         o = self.cfg.objective
         each = {"embeddings": o.cfg_dropout_embeddings, "class_labels": o.cfg_dropout_labels,
-                "source_labels": o.cfg_dropout_sources}
+                "source_labels": o.cfg_dropout_sources, "source_latents": o.cfg_dropout_image}
         if not (o.cfg_dropout > 0 or any(each[k] > 0 for k in conds if k in each)):
             return None
         every = (torch.rand(n, generator=generator) < o.cfg_dropout) if o.cfg_dropout > 0 else torch.zeros(n, dtype=torch.bool)
         if not any(each[k] > 0 for k in conds if k in each):
             return every.to(device)
         drops = {}
-        for key in ("embeddings", "class_labels", "source_labels", "text"):
+        for key in ("embeddings", "class_labels", "source_labels", "text", "source_latents"):
             if key in conds:
                 q = each.get(key, 0.0)
                 alone = (torch.rand(n, generator=generator) < q) if q > 0 else torch.zeros(n, dtype=torch.bool)
@@ -292,6 +292,66 @@ class DenoiserTask(Task):
             merged.save_pretrained(path)
             return
         net.save_pretrained(path)
+
+
+class _PairedLatents(Dataset):
+    """Item i of the target cache (latents, embedding) with the latents of item i of the source cache."""
+
+    def __init__(self, target, source):
+        self.target, self.source = target, source
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.target[i], "source_latents": self.source[i]["latents"]}
+
+
+class StainDenoiserTask(DenoiserTask):
+    """Image-to-image denoiser for virtual staining (InstructPix2Pix-style): the target stain's
+    latents (and embedding) from ``data.target_cache``, the source stain's latents of the same
+    places from ``data.cache`` (item i paired with item i), concatenated to the noisy input.
+
+    ``model.pretrained`` is the denoiser to adapt: a plain one gets zero-initialised source
+    channels (:meth:`~synthgen.models.denoiser.Denoiser.with_source_channels`), so training starts
+    from the base model; a stain denoiser resumes as it is. The new input weights must train, so
+    it is a full fine-tune (no LoRA). Guidance dropout: ``cfg_dropout`` drops both conditions,
+    ``cfg_dropout_embeddings`` and ``cfg_dropout_image`` each alone (InstructPix2Pix: 5% each).
+    """
+
+    def _build(self) -> nn.Module:
+        from synthgen.models.denoiser import Denoiser
+        from synthgen.models.loading import component_subfolder
+
+        d, m = self.cfg.data, self.cfg.model
+        if not m.pretrained:
+            raise ConfigError("model.pretrained: task stain_denoiser adapts a trained denoiser (a pipeline folder or "
+                              "a transformer folder)")
+        if self.cfg.lora.rank:
+            raise ConfigError("lora.rank: task stain_denoiser trains its new input channels fully; remove the lora "
+                              "section")
+        if not (d.cache and d.target_cache):
+            raise ConfigError("data.cache / data.target_cache: task stain_denoiser trains on two feature caches of "
+                              "the same pairs: the source stain's latents (cache) and the target stain's latents and "
+                              "embeddings (target_cache), in the same order")
+        net = Denoiser.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "transformer"))
+        return net if net.config.source_channels else Denoiser.with_source_channels(net)
+
+    def dataset(self) -> Dataset:
+        from synthgen.data.cache import CacheDataset
+
+        d = self.cfg.data
+        keys = ["latents"] + ([d.embedding_key] if self.net.config.use_embeddings else [])
+        target, source = CacheDataset(d.target_cache, keys=keys), CacheDataset(d.cache, keys=["latents"])
+        if len(target) != len(source):
+            raise ConfigError(f"data.target_cache: {len(target)} items but data.cache has {len(source)}; the caches "
+                              "must hold the same pairs in the same order")
+        return _PairedLatents(target, source)
+
+    def conditions(self, batch: dict, device) -> tuple[torch.Tensor, dict]:
+        x0, conds = super().conditions(batch, device)
+        conds["source_latents"] = batch["source_latents"].to(device, torch.float32)
+        return x0, conds
 
 
 class ControlNetTask(DenoiserTask):
@@ -610,4 +670,4 @@ class TranslatorTask(Task):
 
 
 TASKS = {"denoiser": DenoiserTask, "controlnet": ControlNetTask, "vae": VAETask, "ssl": SSLTask, "prior": PriorTask,
-         "translator": TranslatorTask}
+         "translator": TranslatorTask, "stain_denoiser": StainDenoiserTask}
