@@ -110,9 +110,9 @@ def train(pairs: Path, out: Path, minutes: float, batch_size: int = 16, seed: in
         opt_g.step()
         step += 1
         if step % log_every == 0:
-            log.append({"step": step, "seconds": round(time.perf_counter() - t0, 1), "l1": float(l1),
-                        "loss_d": float(loss_d)})
-            print(f"step {step} {log[-1]['seconds']} s  L1 {float(l1):.4f}  D {float(loss_d):.3f}", flush=True)
+            log.append({"step": step, "seconds": round(time.perf_counter() - t0, 1), "l1": l1.item(),
+                        "loss_d": loss_d.item()})
+            print(f"step {step} {log[-1]['seconds']} s  L1 {l1.item():.4f}  D {loss_d.item():.3f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     info = {"steps": step, "minutes": minutes, "batch_size": batch_size, "pairs": len(A), "seed": seed, "log": log}
     torch.save(G.state_dict(), out / "generator.pt")

@@ -15,7 +15,8 @@ Scores (``synthgen.metrics.stain.stain_report``): Pearson and Spearman correlati
 the DAB-positive area fraction (colour deconvolution) of virtual vs real IHC, mean fractions,
 PSNR and SSIM, the Frechet distance of hand-crafted features (encoder-free) and of the pipeline's
 SSL encoder, and the structure score (Dice of the source's nuclei vs the virtual tile's). The
-diffusion routes run ``--seeds`` seeds (mean and sd over them). Reference rows in the same run:
+translator, structure and spatial routes run ``--seeds`` seeds (mean and sd over them); the
+references (identity, oracle) one. Reference rows in the same run:
 the real IHC of the same places against the source (structure), and real IHC training tiles
 of other places against the test tiles (the real-vs-real floor of both FDs).
 
@@ -93,7 +94,7 @@ def read_split(folder: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray,
 
 ROUTES = ("identity", "translator", "structure", "oracle")
 ALL_ROUTES = ("source", "identity", "translator", "structure", "spatial", "pix2pix", "oracle")
-DIFFUSION = ("identity", "translator", "structure", "spatial", "oracle")
+SEEDED = ("translator", "structure", "spatial")  # the routes compared: --seeds seeds; the references one
 
 
 def _group(name: str) -> str:
@@ -171,7 +172,7 @@ def run(stain: str = "panck", pairs: Path | None = None, pipeline: Path = CKPT, 
         if name == "structure" and emb_pipe.controlnet is None or name == "pix2pix" and pix2pix is None:
             continue
         runs, by_group, t = [], {g: [] for g in groups}, time.perf_counter()
-        for k in range(seeds if name in DIFFUSION else 1):
+        for k in range(seeds if name in SEEDED else 1):
             imgs = makers[name](k)
             images.setdefault(name, imgs)
             runs.append(_scores(real, imgs, src, encoder, fd))

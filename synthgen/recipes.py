@@ -522,11 +522,6 @@ def _summary(recipe: Recipe, out: Path, report: dict) -> str:
         audit = m.get("privacy_audit") or {}
         lines.append(f"- export: {m['num_items']} items ({m['format']}) in {out / 'export'}; "
                      f"audit: {audit.get('n_flagged', 'not run')} flagged of {audit.get('n_checked', '-')}")
-    stain = out / "stain" / "structure.json"
-    if recipe.stain and stain.exists():
-        st = json.loads(stain.read_text())
-        lines.append(f"- virtual {recipe.stain.to} ({st['route']} route): {st['n']} tiles in {out / 'stain'}; layout kept: "
-                     f"nuclei Dice vs the source {st['dice']:.2f} (source | virtual: stain/contact_sheet.png)")
     rare = out / "rare" / "manifest.json"
     if rare.exists():
         m = json.loads(rare.read_text())
@@ -536,6 +531,10 @@ def _summary(recipe: Recipe, out: Path, report: dict) -> str:
     if recipe.stain and (out / "stain" / "virtual").is_dir():
         n = len(list((out / "stain" / "virtual").rglob("*.png")))
         line = f"- virtual {recipe.stain.to}: {n} tiles in {out / 'stain' / 'virtual'} (sources beside them)"
+        if (out / "stain" / "structure.json").exists():
+            st = json.loads((out / "stain" / "structure.json").read_text())
+            line += (f"; {st['route']} route, layout kept: nuclei Dice vs the source {st['dice']:.2f} "
+                     "(source | virtual rows: stain/contact_sheet.png)")
         if (out / "stain" / "stain.json").exists():
             m = json.loads((out / "stain" / "stain.json").read_text())
             line += (f"; DAB fraction Pearson {m['dab'].get('pearson', float('nan')):.2f} vs real, "

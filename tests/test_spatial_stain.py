@@ -160,7 +160,8 @@ def test_stain_denoiser_learns_to_use_the_source(data_dir, tmp_path):
             for key, source in (("own", s), ("other", s.roll(7, 0))):
                 pred = net(xt, tt, embeddings=emb, source_latents=source).sample
                 errs[key] += (pred - noise).pow(2).mean().item()
-    assert errs["own"] < 0.95 * errs["other"], errs
+    # measured: 0.225 with each pair's own source vs 0.325 with another's (80 steps, one thread)
+    assert errs["own"] < 0.9 * errs["other"], errs
 
 
 def test_stain_denoiser_config_errors(tmp_path):
@@ -241,3 +242,41 @@ def test_pair_split_file_cuts_each_row_as_it_says(data_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["pairs", str(table), "-o", str(tmp_path / "x"), *args])
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_spatial_region_is_translated_window_by_window(base, data_dir):
+    """A large source region: overlapping windows, each from its own pixels, blended into one image,
+    the same for the same seed; clear errors for a region under a window and a non-spatial model."""
+    from synthgen.data.slides import Slide
+    from synthgen.models.stain import StainTranslator
+    from synthgen.pipelines.generate import SynthPipeline
+    from synthgen.pipelines.stain import virtual_stain_region
+
+    pipe = SynthPipeline.from_pretrained(CKPT)
+    spatial = SynthPipeline(_perturbed(base), pipe.vae, pipe.scheduler, image_encoder=pipe.image_encoder)
+    spatial.set_progress_bar_config(disable=True)
+    tr = StainTranslator.from_pretrained(CKPT / "stains" / "ki67" / "translator")
+    with Slide(data_dir / "slides" / "CMU-1-Small-Region.svs") as s:
+        region = s.read(800, 1200, 100, 1.0)
+    out = virtual_stain_region(spatial, tr, region, "ki67", seed=3, num_inference_steps=2, progress=False)
+    assert out.shape == region.shape and out.dtype == np.uint8 and out.std() > 3
+    again = virtual_stain_region(spatial, tr, region, "ki67", seed=3, num_inference_steps=2, progress=False)
+    np.testing.assert_array_equal(out, again)
+    with pytest.raises(StainError, match="at least one 64 px window"):
+        virtual_stain_region(spatial, tr, region[:40], "ki67", progress=False)
+    with pytest.raises(StainError, match="needs a spatial translator"):
+        virtual_stain_region(pipe, tr, region, "ki67", progress=False)
+
+
+def test_translator_items_do_not_depend_on_the_batch():
+    """With one generator per item, an item's translated embedding depends on its seed alone."""
+    from synthgen.models.stain import StainTranslator
+
+    tr = StainTranslator.from_pretrained(CKPT / "stains" / "ki67" / "translator")
+    src = torch.randn(5, 1, 128, generator=torch.Generator().manual_seed(0))
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    full = tr.translate(src, "ki67", generator=gens([10, 11, 12, 13, 14]), num_steps=4)
+    torch.testing.assert_close(tr.translate(src[2:4], "ki67", generator=gens([12, 13]), num_steps=4), full[2:4])
+    assert not torch.allclose(full[0], full[1])
+    with pytest.raises(ValueError, match="2 generators for 5 items"):
+        tr.translate(src, "ki67", generator=gens([1, 2]))

@@ -110,12 +110,21 @@ class EmbeddingPrior(StrictLoadMixin, ModelMixin, ConfigMixin):
     @torch.no_grad()
     def sample(self, labels, generator: torch.Generator | None = None, num_steps: int = 50,
                guidance_scale: float = 1.0, **cond) -> torch.Tensor:
-        """Embeddings (B, tokens, dim) for class ``labels`` (B,), by Euler integration from noise."""
+        """Embeddings (B, tokens, dim) for class ``labels`` (B,), by Euler integration from noise.
+
+        ``generator``: one for the batch, or a list of one per item (then item i depends only on
+        generator i, whatever else is in the batch)."""
         p = next(self.parameters())
         labels = torch.as_tensor(labels, dtype=torch.long, device=p.device).flatten()
         if (labels >= self.config.num_classes).any():
             raise ValueError(f"labels must be < num_classes={self.config.num_classes} (or -1 for any class)")
-        x = torch.randn(len(labels), self.mean.numel(), generator=generator).to(p.device, torch.float32)
+        d = self.mean.numel()
+        if isinstance(generator, list | tuple):
+            if len(generator) != len(labels):
+                raise ValueError(f"{len(generator)} generators for {len(labels)} items")
+            x = torch.stack([torch.randn(d, generator=g) for g in generator]).to(p.device, torch.float32)
+        else:
+            x = torch.randn(len(labels), d, generator=generator).to(p.device, torch.float32)
         ts = torch.linspace(1.0, 0.0, num_steps + 1, device=p.device)
         for i in range(num_steps):
             t = ts[i].expand(len(x))

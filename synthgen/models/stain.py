@@ -83,10 +83,10 @@ class StainTranslator(EmbeddingPrior):
         return super().loss(emb, labels, generator, drop_prob, source=source)
 
     @torch.no_grad()
-    def translate(self, source: torch.Tensor, stains, generator: torch.Generator | None = None,
+    def translate(self, source: torch.Tensor, stains, generator=None,
                   num_steps: int = 50, guidance_scale: float = 1.0) -> torch.Tensor:
         """IHC embeddings (B, tokens, dim) for H&E embeddings ``source`` and target ``stains``
-        (a name, or one name/id per sample)."""
+        (a name, or one name/id per sample); ``generator``: one, or a list of one per sample."""
         p = next(self.parameters())
         source = torch.as_tensor(source, dtype=torch.float32, device=p.device)
         source = source[:, None] if source.ndim == 2 else source

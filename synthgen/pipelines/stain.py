@@ -271,8 +271,8 @@ def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inferenc
                          f"got {tuple(x.shape[-2:])}")
     seeds = list(range(len(x))) if seeds is None else [int(s) for s in seeds]
     src = pipe.encode_images(x)
-    g = torch.Generator().manual_seed(seeds[0] if seeds else 0)
-    emb = translator.translate(src.cpu(), stain, generator=g)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]  # per tile: a tile depends on its seed alone
+    emb = translator.translate(src.cpu(), stain, generator=gens)
     kw = {}
     if is_spatial(pipe):
         if structure:
