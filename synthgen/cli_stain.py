@@ -32,21 +32,24 @@ DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "checkpoints" / "synthg
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--guidance", type=float, default=2.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--route", type=click.Choice(["embedding", "spatial"]), default=None,
+              help="embedding: PixCell's route (with --structure, the source's nuclei too); spatial: the "
+                   "translator that sees the source tile [default: embedding where the stain has it].")
 @click.option("--image-guidance", type=float, default=None,
               help="Spatial translators: guidance on the source image, separate from --guidance on the "
                    "stain embedding (InstructPix2Pix) [default: none, the source is always given].")
 @click.option("--keep-glass/--no-keep-glass", "glass", default=True, show_default=True,
-              help="Slide region: where the source is glass, keep glass (the translator only knows tissue).")
-def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, steps, guidance, seed, image_guidance,
-          glass):
+              help="Where the source is glass, keep glass (the models only know tissue), in tiles and regions.")
+def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, steps, guidance, seed, route,
+          image_guidance, glass):
     """Virtual IHC of SOURCE: a folder of H&E tiles (at the model's tile size and resolution) or a
     slide / large image, of which the region (--x, --y, --size at --mpp) is translated window by
     window and written as a pyramidal TIFF that OpenSlide and QuPath open.
 
     The source embedding is translated into the target stain's embedding and decoded by the
-    denoiser adapted to that stain (PixCell's route). A spatial translator (the shipped Ki67 and
-    PanCK models) also sees the source tile itself and keeps its layout; with an embedding-only
-    model, --structure keeps at least the source's nuclei in place. Score the output with
+    denoiser adapted to that stain (PixCell's route); --structure also keeps the source's nuclei
+    in place. --route spatial uses the translator that sees the source tile itself (shipped for
+    Ki67 and PanCK; not yet better than --structure, see the model card). Score the output with
     `synthgen eval stain REAL_IHC VIRTUAL_IHC --source SOURCE`.
     """
     import numpy as np
@@ -56,12 +59,12 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
     from synthgen.pipelines.stain import is_spatial, load_stain, virtual_stain
 
     try:
-        pipe, translator = load_stain(pipeline or DEFAULT_PIPELINE, stain)
+        pipe, translator = load_stain(pipeline or DEFAULT_PIPELINE, stain, route=route)
     except SynthgenError as e:
         raise click.BadParameter(str(e), param_hint="--to / --pipeline") from e
     if structure and is_spatial(pipe):
-        raise click.UsageError(f"--structure: this pipeline's {stain} translator sees the source image and keeps "
-                               "its layout by itself; drop --structure")
+        raise click.UsageError(f"--structure: the spatial {stain} translator sees the source image and keeps "
+                               "its layout by itself; drop --structure or use --route embedding")
     if image_guidance is not None and not is_spatial(pipe):
         raise click.UsageError(f"--image-guidance: this pipeline's {stain} model is embedding-only (no source image)")
     if source.is_dir():
@@ -74,7 +77,7 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
             raise click.UsageError(f"{source}: images differ in size; virtual staining takes tiles of one size")
         images = virtual_stain(pipe, translator, tiles, stain, seeds=[seed + i for i in range(len(tiles))],
                                num_inference_steps=steps, guidance_scale=guidance, structure=structure,
-                               image_guidance_scale=image_guidance)
+                               image_guidance_scale=image_guidance, glass=glass)
         for f, im in zip(files, images, strict=True):
             dest = out / f.relative_to(source).with_suffix(".png")
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,7 @@ def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_m
         region = s.read(x, y, size, mpp)
     if is_spatial(pipe):  # window by window from the source's own pixels, blended over the overlaps
         image = virtual_stain_region(pipe, translator, region, stain, seed=seed, num_inference_steps=steps,
-                                     guidance_scale=guidance, image_guidance_scale=image_guidance)
+                                     guidance_scale=guidance, image_guidance_scale=image_guidance, glass=glass)
     else:
         grid = region_embeddings(pipe, region, win // 2)
         emb = translator.translate(grid.flatten(0, 1), stain, generator=torch.Generator().manual_seed(seed))

@@ -90,7 +90,7 @@ class StainStep:
     real: str | None = None  # real target-stain tiles with the source's file names: scored (stain.json)
     n: int = 32  # tiles taken from the tile step
     structure: bool = False  # embedding route: keep the source's nuclei in place (mask branch)
-    route: Literal["spatial", "embedding"] | None = None  # default: spatial where the stain has it (keeps the layout)
+    route: Literal["spatial", "embedding"] | None = None  # default: embedding where the stain has it
     image_guidance: float | None = None  # spatial route: guidance on the source image (None: none)
     guidance: float = 2.0
     steps: int = 20
@@ -388,10 +388,10 @@ class _Steps:
         from synthgen.pipelines.stain import is_spatial, load_stain, virtual_stain
 
         s = self.r.stain
-        pipe, translator = load_stain(s.pipeline, s.to, route="embedding" if s.structure else s.route)
         if s.structure and s.route == "spatial":
             raise ConfigError("stain.structure: the mask branch is for route: embedding; the spatial route keeps "
                               "the source's layout by itself (drop structure)")
+        pipe, translator = load_stain(s.pipeline, s.to, route="embedding" if s.structure else s.route)
         if s.source:
             from synthgen.data.slides import IMAGE_SUFFIXES
 

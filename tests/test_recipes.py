@@ -46,7 +46,7 @@ def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monk
     assert len(list((out / "stain" / "virtual").glob("*.png"))) == 2  # virtual Ki67 of 2 tiles
     assert "virtual ki67: 2 tiles" in (out / "evaluate" / "summary.md").read_text()
     st = json.loads((out / "stain" / "structure.json").read_text())
-    assert st["route"] == "spatial" and st["n"] == 2 and 0 <= st["dice"] <= 1
+    assert st["route"] == "embedding" and st["n"] == 2 and 0 <= st["dice"] <= 1  # with structure: the nuclei kept
     assert Image.open(out / "stain" / "contact_sheet.png").size == (2 * 64, 2 * 64)  # sources above, virtual below
     changed = _small(tmp_path, "generate.seed=3")
     assert [a for *_, a in plan(changed)] == ["skip", "skip"] + ["run"] * 6

@@ -125,8 +125,11 @@ def test_stain_pipeline_and_cli(tmp_path, data_dir):
         install_stain(folder, "ki67", runs / "translator", lora=lora)
     with pytest.raises(StainError, match="not trained for 'her2'"):
         install_stain(folder, "her2", runs / "translator", lora=lora)
-    with pytest.raises(StainError, match="exactly one of lora"):
+    with pytest.raises(StainError, match="give the IHC denoiser"):
         install_stain(folder, "ki67", runs / "translator", overwrite=True)
+    p.transformer.save_pretrained(runs / "plain")  # an embedding-route fine-tune goes alone, not beside an adapter
+    with pytest.raises(StainError, match="must be a spatial translator"):
+        install_stain(folder, "ki67", runs / "translator", lora=lora, transformer=runs / "plain", overwrite=True)
     bad = tmp_path / "bad_lora"
     bad.mkdir()
     save_file({"nope.lora_A.weight": torch.ones(2, 2), "nope.lora_B.weight": torch.ones(2, 2)},

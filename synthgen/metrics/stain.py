@@ -218,7 +218,8 @@ def stain_report(real_ihc, virtual_ihc, encoder: Callable | None = None, *,
             (the real IHC vs the same source: how far the two stains agree).
         encoder_free: add ``fd_free``, the Frechet distance of hand-crafted colour and texture
             features (:func:`synthgen.metrics.handcrafted.handcrafted_fd`), which no trained
-            encoder influences.
+            encoder influences (NaN for a single pair). Like any FD it needs many images to be
+            stable: compare values at equal counts.
 
     Returns:
         ``{"n", "psnr", "ssim", "dab": {...}, "hematoxylin": {...}, "fd"?, "per_patch"?}`` where
@@ -243,7 +244,10 @@ def stain_report(real_ihc, virtual_ihc, encoder: Callable | None = None, *,
         from synthgen.metrics.handcrafted import handcrafted_fd
 
         u8 = lambda x: (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()  # noqa: E731
-        report["fd_free"] = handcrafted_fd(u8(r), u8(v))
+        try:  # a Frechet distance needs covariances: NaN for a single pair (or a degenerate set)
+            report["fd_free"] = handcrafted_fd(u8(r), u8(v)) if len(r) >= 2 else float("nan")
+        except np.linalg.LinAlgError:
+            report["fd_free"] = float("nan")
     if source is not None:
         report["structure"] = structure_score(source, v)
         report["structure_real"] = structure_score(source, r)

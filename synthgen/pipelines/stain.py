@@ -11,7 +11,7 @@
 embedding-only mode keeps the tissue's character but not its layout.
 
 **Spatial translators** (``stains/<name>/transformer`` with source channels, trained with
-``task: stain_denoiser``) see the source tile itself: its VAE latents are concatenated to the
+``task: stain_denoiser``; ``route="spatial"``) see the source tile itself: its VAE latents are concatenated to the
 denoiser's input (InstructPix2Pix), so the whole layout (nuclei, stroma, glands, glass) carries
 over, and the translated embedding sets the stain's character. Guidance on the source image
 (``image_guidance_scale``) and on the embedding (``guidance_scale``) are separate.
@@ -75,7 +75,9 @@ def load_stain(pipeline_dir: str | os.PathLike, stain: str, route: str | None = 
     Args:
         route: ``spatial`` (the denoiser that sees the source image, ``transformer/`` with source
             channels), ``embedding`` (PixCell's embedding-only route: ``lora/`` or a plain
-            ``transformer/``), or None: spatial where the stain has it, else embedding.
+            ``transformer/``), or None: embedding where the stain has it, else spatial. (The
+            shipped spatial translators keep the layout better than the plain embedding route but
+            not better than the embedding route with ``structure=True``: see the model card.)
 
     Raises:
         StainError: unknown stain name, no model for it in this pipeline (lists those there), or
@@ -100,7 +102,8 @@ def load_stain(pipeline_dir: str | os.PathLike, stain: str, route: str | None = 
     if route == "spatial" and not has_spatial:
         raise StainError(f"{folder}: no spatial translator (transformer/ with source channels; train one with "
                          "task: stain_denoiser)")
-    if (route == "spatial" or route is None) and has_spatial:
+    has_embedding = (folder / "lora").is_dir() or (full is not None and not has_spatial)
+    if route == "spatial" or (route is None and not has_embedding):
         transformer = full
     elif (folder / "lora").is_dir():
         transformer = merge_lora(pipe.transformer, folder / "lora")
@@ -250,7 +253,7 @@ def is_spatial(pipe) -> bool:
 
 def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inference_steps: int = 20,
                   guidance_scale: float = 2.0, structure: bool = False, batch_size: int = 32,
-                  image_guidance_scale: float | None = None) -> np.ndarray:
+                  image_guidance_scale: float | None = None, glass: bool = True) -> np.ndarray:
     """Virtual ``stain`` tiles (uint8 (B, H, W, 3)) for source tiles ``images`` (uint8 (B, 3, H, W)
     or (B, H, W, 3), at the model's tile size).
 
@@ -260,6 +263,8 @@ def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inferenc
         seeds: one per image (the translator's and the denoiser's noise); default 0..B-1.
         image_guidance_scale: spatial translators: guidance on the source image (None: the
             source is kept in both guidance passes, guidance acts on the embedding alone).
+        glass: where the source tile is glass, keep glass (:func:`keep_glass`): the models were
+            trained on tissue and otherwise fill empty glass with stained tissue.
     """
     from synthgen.data.nuclei import segment_nuclei
     from synthgen.pipelines.generate import _as_uint8_tensor
@@ -283,18 +288,23 @@ def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inferenc
         if pipe.controlnet is None:
             raise StainError("structure-preserving mode needs a pipeline with a mask branch (controlnet/)")
         kw["masks"] = np.stack([segment_nuclei(im) for im in x.permute(0, 2, 3, 1).numpy()])
-    return pipe(embeddings=emb, seeds=seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                batch_size=batch_size, output_type="np", **kw).images
+    out = pipe(embeddings=emb, seeds=seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+               batch_size=batch_size, output_type="np", **kw).images
+    if glass:
+        src_np = x.permute(0, 2, 3, 1).numpy()
+        out = np.stack([keep_glass(a, b) for a, b in zip(src_np, out, strict=True)])
+    return out
 
 
 def virtual_stain_region(pipe, translator, region: np.ndarray, stain: str, seed: int = 0, overlap: int | None = None,
                          num_inference_steps: int = 20, guidance_scale: float = 2.0,
                          image_guidance_scale: float | None = None, batch_size: int = 32,
-                         progress: bool = True) -> np.ndarray:
+                         progress: bool = True, glass: bool = True) -> np.ndarray:
     """Virtual ``stain`` of a large source image (uint8 (H, W, 3)) with a spatial translator:
     overlapping model-size windows (``overlap`` px, default half a window), each translated from
     its own source pixels with seed ``seed + window index``, blended with linear ramps over the
-    overlaps (every window keeps its source's layout, so only colour needs blending).
+    overlaps (every window keeps its source's layout, so only colour needs blending); ``glass``
+    as in :func:`virtual_stain`.
 
     Raises:
         StainError: the pipeline is not a spatial translator, or the image is smaller than a window.
@@ -324,7 +334,7 @@ def virtual_stain_region(pipe, translator, region: np.ndarray, stain: str, seed:
         tiles = np.stack([region[y : y + win, x : x + win] for y, x in part])
         out = virtual_stain(pipe, translator, tiles, stain, seeds=[seed + lo + i for i in range(len(part))],
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                            image_guidance_scale=image_guidance_scale, batch_size=batch_size)
+                            image_guidance_scale=image_guidance_scale, batch_size=batch_size, glass=glass)
         for (y, x), im in zip(part, out, strict=True):
             acc[y : y + win, x : x + win] += im * weight
             tot[y : y + win, x : x + win] += weight
