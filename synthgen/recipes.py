@@ -533,7 +533,7 @@ def _summary(recipe: Recipe, out: Path, report: dict) -> str:
         line = f"- virtual {recipe.stain.to}: {n} tiles in {out / 'stain' / 'virtual'} (sources beside them)"
         if (out / "stain" / "structure.json").exists():
             st = json.loads((out / "stain" / "structure.json").read_text())
-            line += (f"; {st['route']} route, layout kept: nuclei Dice vs the source {st['dice']:.2f} "
+            line += (f"; {st['route']} route, structure score (nuclei Dice vs the source) {st['dice']:.2f} "
                      "(source | virtual rows: stain/contact_sheet.png)")
         if (out / "stain" / "stain.json").exists():
             m = json.loads((out / "stain" / "stain.json").read_text())
