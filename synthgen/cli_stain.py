@@ -66,7 +66,8 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
         raise click.UsageError(f"--structure: the spatial {stain} translator sees the source image and keeps "
                                "its layout by itself; drop --structure or use --route embedding")
     if image_guidance is not None and not is_spatial(pipe):
-        raise click.UsageError(f"--image-guidance: this pipeline's {stain} model is embedding-only (no source image)")
+        raise click.UsageError(f"--image-guidance guides on the source image: it needs --route spatial (the {stain} "
+                               "model loaded here is the embedding route, which does not see the source)")
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
