@@ -56,15 +56,14 @@ def held_out_pairs(stain: str, folder: Path, table: Path | None = None) -> Path:
     """Write the held-out pairs of ``stain`` into ``folder``; returns it (testA/testB inside).
 
     With ``table``: the test rows of that pair split file (64 px, test stride 32, as the training
-    pairs were cut); without: the older single-source pairs (kidney band, DeepLIIF Lung1)."""
+    pairs were cut) and one view of its training pairs at stride 64; without: the older
+    single-source pairs (kidney band, DeepLIIF Lung1)."""
     from synthgen.data.pair_folders import downsample_pair, table_pairs, write_pair_folders
     from synthgen.data.pairs import deepliif_pair, register_sections
 
-    if table is not None:
+    if table is not None:  # train/ (stride 64, one view) holds the real-vs-real floor's tiles of other places
         found, bands = table_pairs(table, stain)
-        keep = [i for i, b in enumerate(bands) if b is not None]
-        write_pair_folders([found[i] for i in keep], folder, 64, stride=64, test_stride=32,
-                           holdout=[bands[i] for i in keep])
+        write_pair_folders(found, folder, 64, stride=64, test_stride=32, holdout=bands)
         return folder
     if stain == "panck":
         d = SHARED / "anhir-rat-kidney"
@@ -137,6 +136,9 @@ def run(stain: str = "panck", pairs: Path | None = None, pipeline: Path = CKPT, 
     with tempfile.TemporaryDirectory() as tmp:
         folder = pairs or held_out_pairs(stain, Path(tmp), table)
         src, real, names = read_split(folder, limit)
+        floor = None
+        if fd and (table is not None or (pairs is not None and (pairs / "trainB").is_dir())):
+            floor = _floor_tiles(folder, len(real))
     emb_pipe = spatial_pipe = translator = None
     if any(r in routes for r in ("identity", "translator", "structure", "oracle")):
         emb_pipe, translator = load_stain(pipeline, stain, route="embedding")
@@ -181,8 +183,8 @@ def run(stain: str = "panck", pairs: Path | None = None, pipeline: Path = CKPT, 
                     by_group[g].append(_scores(real[ix], imgs[ix], src[ix], None, False))
         out["routes"][name] = {**_mean_sd(runs), "seconds": time.perf_counter() - t}
         out["by_group"][name] = {g: _mean_sd(v) for g, v in by_group.items() if v}
-    if fd and (table is not None or (pairs is not None and (pairs / "trainB").is_dir())):
-        out["floor"] = _floor(stain, table, pairs, real, encoder)
+    if floor is not None:
+        out["floor"] = _floor(real, floor, encoder)
     if grid is not None:
         from PIL import Image
 
@@ -203,24 +205,20 @@ def _pix2pix(folder: Path, src: np.ndarray) -> np.ndarray:
     return translate(folder, src)
 
 
-def _floor(stain: str, table: Path | None, pairs: Path | None, real: np.ndarray, encoder) -> dict:
-    """Real IHC training tiles (one view each, other places) vs the real test tiles: both FDs."""
+def _floor_tiles(folder: Path, n: int) -> np.ndarray:
+    """Up to ``n`` real IHC training tiles of ``folder/trainB`` (other places than the test tiles)."""
     from PIL import Image
 
+    files = sorted((folder / "trainB").glob("*.png"))
+    pick = np.random.default_rng(0).choice(len(files), size=min(n, len(files)), replace=False)
+    return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in sorted(pick)])
+
+
+def _floor(real: np.ndarray, other: np.ndarray, encoder) -> dict:
+    """Real IHC training tiles (one view each, other places) vs the real test tiles: both FDs."""
     from synthgen.metrics.handcrafted import handcrafted_fd
     from synthgen.metrics.stain import encoder_frechet_distance
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if pairs is None:
-            from synthgen.data.pair_folders import table_pairs, write_pair_folders
-
-            found, bands = table_pairs(table, stain)
-            write_pair_folders(found, Path(tmp), 64, stride=64, holdout=bands)
-            pairs = Path(tmp)
-        files = sorted((pairs / "trainB").glob("*.png"))
-        rng = np.random.default_rng(0)
-        pick = rng.choice(len(files), size=min(len(real), len(files)), replace=False)
-        other = np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in sorted(pick)])
     return {"n": len(other), "fd_free": handcrafted_fd(real, other),
             "fd": encoder_frechet_distance(real, other, encoder) if encoder is not None else None}
 

@@ -117,8 +117,8 @@ def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_m
         grid = emb.reshape(*grid.shape[:2], *emb.shape[1:])
         image = generate_large(pipe, grid, size, overlap=win // 2, seed=seed, guidance_scale=guidance,
                                num_inference_steps=steps)
-    if glass:
-        image = keep_glass(region, image)
+        if glass:
+            image = keep_glass(region, image)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_pyramidal_tiff(out, image, mpp)

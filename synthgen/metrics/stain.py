@@ -166,10 +166,14 @@ def nuclear_mask(images, include_dab: bool = False, threshold: float | None = No
     stains, scanners and scales differ too much for one fixed density (on the CIMA Case001 H&E
     at 5 um/px, hematoxylin > 0.05 covers under 1% of the tissue).
     """
+    return _nuclear(_hed(images), include_dab, threshold, sigma)
+
+
+def _nuclear(hed: np.ndarray, include_dab: bool, threshold: float | None, sigma: float) -> np.ndarray:
+    """:func:`nuclear_mask` from the (N, H, W, 3) optical densities of :func:`_hed`."""
     from scipy.ndimage import gaussian_filter
     from skimage.filters import threshold_otsu
 
-    hed = _hed(images)
     od = hed[..., 0] + (np.clip(hed[..., 2], 0, None) if include_dab else 0.0)
     if sigma > 0:
         od = np.stack([gaussian_filter(o, sigma) for o in od])
@@ -195,12 +199,16 @@ def structure_score(source, virtual, *, threshold: float | None = None, sigma: f
         (|A|+|B|)), ``dice_mean`` the mean over tiles with nuclei in either image (NaN if none).
     """
     s, v = _pair(source, virtual)
-    a, b = nuclear_mask(s, False, threshold, sigma), nuclear_mask(v, True, threshold, sigma)
+    return _dice(nuclear_mask(s, False, threshold, sigma), nuclear_mask(v, True, threshold, sigma))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> dict:
+    """:func:`structure_score` of two (N, H, W) nuclear masks."""
     inter, total = (a & b).sum((1, 2)), a.sum((1, 2)) + b.sum((1, 2))
     some = total > 0
     return {"dice": float(2 * inter.sum() / total.sum()) if total.sum() else float("nan"),
             "dice_mean": float((2 * inter[some] / total[some]).mean()) if some.any() else float("nan"),
-            "n": int(len(s))}
+            "n": int(len(a))}
 
 
 def stain_report(real_ihc, virtual_ihc, encoder: Callable | None = None, *,
@@ -249,8 +257,10 @@ def stain_report(real_ihc, virtual_ihc, encoder: Callable | None = None, *,
         except np.linalg.LinAlgError:
             report["fd_free"] = float("nan")
     if source is not None:
-        report["structure"] = structure_score(source, v)
-        report["structure_real"] = structure_score(source, r)
+        s, _ = _pair(source, r)
+        nuclei = _nuclear(_hed(s), False, None, 1.0)  # deconvolved once, for both scores
+        report["structure"] = _dice(nuclei, _nuclear(hv, True, None, 1.0))
+        report["structure_real"] = _dice(nuclei, _nuclear(hr, True, None, 1.0))
     if per_patch:
         report["per_patch"] = {"dab_real": dr.tolist(), "dab_virtual": dv.tolist(),
                                "hematoxylin_real": nr.tolist(), "hematoxylin_virtual": nv.tolist()}

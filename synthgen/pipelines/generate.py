@@ -263,12 +263,8 @@ class SynthPipeline(DiffusionPipeline):
             if source_images is None:
                 raise ValueError("this pipeline's transformer translates images: pass source_images= (the N source "
                                  f"tiles, {self.image_size} px)")
-            src = _as_uint8_tensor(source_images)
-            if tuple(src.shape[-2:]) != (self.image_size, self.image_size):
-                raise ValueError(f"source_images must be {self.image_size} px (the model's size), got {tuple(src.shape[-2:])}")
-            with torch.no_grad():
-                conds["source_latents"] = self._vae().encode(src.to(self._execution_device)).float()
-            n = _same(n, len(src), "source_images")
+            conds["source_latents"] = self._latents_of(source_images, "source_images must be")
+            n = _same(n, len(conds["source_latents"]), "source_images")
         elif source_images is not None:
             raise ValueError("source_images= needs a transformer with source channels (an image-to-image model)")
         if n is None:
@@ -280,12 +276,7 @@ class SynthPipeline(DiffusionPipeline):
         if strength != 1.0:
             if images is None:
                 raise ValueError("strength= needs images= (the references to start from)")
-            ref = _as_uint8_tensor(images)
-            if tuple(ref.shape[-2:]) != (self.image_size, self.image_size):
-                raise ValueError(f"strength= needs references of {self.image_size} px (the model's size), "
-                                 f"got {tuple(ref.shape[-2:])}")
-            with torch.no_grad():
-                init = self._vae().encode(ref.to(self._execution_device)).float()
+            init = self._latents_of(images, "strength= needs references of")
             init = init.repeat_interleave(num_images_per_condition, dim=0)
         seeds = _seeds(seeds, total, generator)
         scheduler = self._scheduler_for(sampler)
@@ -315,6 +306,14 @@ class SynthPipeline(DiffusionPipeline):
                 result = arr if output_type == "np" else self.numpy_to_pil(arr)
         self.maybe_free_model_hooks()
         return SynthOutput(images=result, seeds=[int(s) for s in seeds]) if return_dict else (result, seeds)
+
+    def _latents_of(self, images, what: str) -> torch.Tensor:
+        """VAE latents (mean) of images at the model's size; ``what`` starts the size error."""
+        x = _as_uint8_tensor(images)
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"{what} {self.image_size} px (the model's size), got {tuple(x.shape[-2:])}")
+        with torch.no_grad():
+            return self._vae().encode(x.to(self._execution_device)).float()
 
     def _masks(self, masks):
         """Label maps -> (int64 tensor (N, H, W), the mask-guided model)."""

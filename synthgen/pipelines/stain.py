@@ -97,18 +97,18 @@ def load_stain(pipeline_dir: str | os.PathLike, stain: str, route: str | None = 
     if route not in (None, "spatial", "embedding"):
         raise StainError(f"route must be spatial or embedding, got {route!r}")
     pipe = SynthPipeline.from_pretrained(pipeline_dir)
-    full = Denoiser.from_pretrained(folder / "transformer") if (folder / "transformer").is_dir() else None
-    has_spatial = full is not None and bool(full.config.source_channels)
-    if route == "spatial" and not has_spatial:
+    full = folder / "transformer"
+    spatial_full = full.is_dir() and bool(Denoiser.load_config(full).get("source_channels"))
+    if route == "spatial" and not spatial_full:
         raise StainError(f"{folder}: no spatial translator (transformer/ with source channels; train one with "
                          "task: stain_denoiser)")
-    has_embedding = (folder / "lora").is_dir() or (full is not None and not has_spatial)
+    has_embedding = (folder / "lora").is_dir() or (full.is_dir() and not spatial_full)
     if route == "spatial" or (route is None and not has_embedding):
-        transformer = full
+        transformer = Denoiser.from_pretrained(full)
     elif (folder / "lora").is_dir():
         transformer = merge_lora(pipe.transformer, folder / "lora")
-    elif full is not None and not has_spatial:
-        transformer = full
+    elif full.is_dir() and not spatial_full:
+        transformer = Denoiser.from_pretrained(full)
     else:
         raise StainError(f"{folder}: needs lora/ (an adapter) or transformer/ (a fine-tuned denoiser)"
                          + (" for the embedding route" if route == "embedding" else ""))
@@ -304,7 +304,7 @@ def virtual_stain_region(pipe, translator, region: np.ndarray, stain: str, seed:
     overlapping model-size windows (``overlap`` px, default half a window), each translated from
     its own source pixels with seed ``seed + window index``, blended with linear ramps over the
     overlaps (every window keeps its source's layout, so only colour needs blending); ``glass``
-    as in :func:`virtual_stain`.
+    as in :func:`virtual_stain`, decided once over the whole region.
 
     Raises:
         StainError: the pipeline is not a spatial translator, or the image is smaller than a window.
@@ -334,8 +334,9 @@ def virtual_stain_region(pipe, translator, region: np.ndarray, stain: str, seed:
         tiles = np.stack([region[y : y + win, x : x + win] for y, x in part])
         out = virtual_stain(pipe, translator, tiles, stain, seeds=[seed + lo + i for i in range(len(part))],
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                            image_guidance_scale=image_guidance_scale, batch_size=batch_size, glass=glass)
+                            image_guidance_scale=image_guidance_scale, batch_size=batch_size, glass=False)
         for (y, x), im in zip(part, out, strict=True):
             acc[y : y + win, x : x + win] += im * weight
             tot[y : y + win, x : x + win] += weight
-    return np.clip(np.round(acc / tot), 0, 255).astype(np.uint8)
+    out = np.clip(np.round(acc / tot), 0, 255).astype(np.uint8)
+    return keep_glass(region, out) if glass else out

@@ -105,9 +105,7 @@ class DenoiserTask(Task):
 
         m = self.cfg.model
         if m.pretrained:
-            from synthgen.models.loading import component_subfolder
-
-            net = Denoiser.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "transformer"))
+            net = self._pretrained_denoiser()
             if m.sample_size and m.sample_size != net.config.sample_size:
                 net = net.resized(m.sample_size)
             self._check_names(net)
@@ -126,6 +124,14 @@ class DenoiserTask(Task):
                               init_lora_weights="gaussian", target_modules=list(self.cfg.lora.target_modules))
             net = inject_adapter_in_model(lora, net)
         return net
+
+    def _pretrained_denoiser(self) -> nn.Module:
+        """The denoiser of ``model.pretrained``: a pipeline folder (its ``transformer``) or a model folder."""
+        from synthgen.models.denoiser import Denoiser
+        from synthgen.models.loading import component_subfolder
+
+        path = self.cfg.model.pretrained
+        return Denoiser.from_pretrained(path, subfolder=component_subfolder(path, "transformer"))
 
     def _cache_names(self) -> tuple[list | None, list | None]:
         d = self.cfg.data
@@ -321,7 +327,6 @@ class StainDenoiserTask(DenoiserTask):
 
     def _build(self) -> nn.Module:
         from synthgen.models.denoiser import Denoiser
-        from synthgen.models.loading import component_subfolder
 
         d, m = self.cfg.data, self.cfg.model
         if not m.pretrained:
@@ -334,7 +339,7 @@ class StainDenoiserTask(DenoiserTask):
             raise ConfigError("data.cache / data.target_cache: task stain_denoiser trains on two feature caches of "
                               "the same pairs: the source stain's latents (cache) and the target stain's latents and "
                               "embeddings (target_cache), in the same order")
-        net = Denoiser.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "transformer"))
+        net = self._pretrained_denoiser()
         return net if net.config.source_channels else Denoiser.with_source_channels(net)
 
     def dataset(self) -> Dataset:
@@ -364,7 +369,6 @@ class ControlNetTask(DenoiserTask):
 
     def _build(self) -> nn.Module:
         from synthgen.models.controlnet import MaskControlNet
-        from synthgen.models.denoiser import Denoiser
 
         m, d = self.cfg.model, self.cfg.data
         if not m.pretrained:
@@ -375,9 +379,7 @@ class ControlNetTask(DenoiserTask):
         if not d.cache:
             raise ConfigError("data.cache: task controlnet needs a feature cache with latents, embeddings and masks "
                               "(synthgen cache TILES -e latents=vae:... -e emb=... -e mask=synthgen.data.nuclei:segmenter)")
-        from synthgen.models.loading import component_subfolder
-
-        base = Denoiser.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "transformer")).eval().requires_grad_(False)
+        base = self._pretrained_denoiser().eval().requires_grad_(False)
         self._frozen["base"] = base
         first = self.dataset()[0]
         if d.mask_key not in first:
