@@ -576,7 +576,7 @@ def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: i
 @click.argument("real", type=click.Path(exists=True, path_type=Path))
 @click.argument("synth", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
-              help="Report folder: report.md, report.json, PNG plots and a sample grid.")
+              help="Report folder: report.html, report.md, report.json, PNG plots and sample grids.")
 @click.option("-e", "--encoder", "encoder_spec", default=None, metavar="SPEC",
               help="Feature extractor for fidelity and the privacy audit (both skipped without it): " + SPEC_HELP)
 @click.option("--size", type=click.IntRange(min=8), default=None, help="Resize images to this square size first.")
@@ -605,7 +605,8 @@ def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: i
 def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_against, audit_threshold, utility_train,
                 utility_test, pipeline, utility_size, mode, prior, seeds, epochs, steps, utility_json, masks, stain):
     """One report on SYNTH against REAL: fidelity, utility, privacy audit, mask adherence and stain
-    scores, as OUT/report.md with PNG plots and a real-vs-synthetic sample grid.
+    scores, as OUT/report.md with PNG plots and a real-vs-synthetic sample grid, and the same as one
+    self-contained page, OUT/report.html (images inlined; opens from the file system).
 
     REAL and SYNTH are read as in `eval fidelity`. Sections whose inputs are not given are
     skipped, and the report says which and why.
@@ -629,7 +630,8 @@ def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_agai
         else utility_json
     rep = write_report(out, real_ds, synth_ds, encoder, utility=utility, audit_train=audit_ds,
                        audit_threshold=audit_threshold, masks=masks, stain=stain, k=k, n_bootstrap=n_bootstrap,
-                       sources={"real": str(real), "synthetic": str(synth), "encoder": encoder_spec})
+                       sources={"real": str(real), "synthetic": str(synth), "encoder": encoder_spec},
+                       mask_pairs=_mask_pairs(synth))
     for name, reason in rep["skipped"].items():
         click.echo(f"skipped {name}: {reason}")
     free = rep["encoder_free"]
@@ -640,7 +642,26 @@ def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_agai
 
         for line in format_report(free):
             click.echo(line)
-    click.echo(f"report ({', '.join(rep['sections']) or 'samples only'}) -> {out / 'report.md'}")
+    click.echo(f"report ({', '.join(rep['sections']) or 'samples only'}) -> {out / 'report.md'}, {out / 'report.html'}")
+
+
+def _mask_pairs(folder: Path, n: int = 8) -> list | None:
+    """The first ``n`` (image, condition mask) pairs of a mask-guided `synthgen generate` output."""
+    import json
+
+    manifest = folder / "manifest.json"
+    if folder.is_file() or not manifest.exists():
+        return None
+    items = [it for it in json.loads(manifest.read_text())["items"] if "mask" in it][:n]
+    if not items:
+        return None
+    import numpy as np
+    from PIL import Image
+
+    from synthgen.data.masks import read_label_map
+
+    return [(np.asarray(Image.open(folder / it["file"]).convert("RGB")), read_label_map(folder / it["mask"]))
+            for it in items]
 
 
 def _image_set(folder: Path, size: int | None):
@@ -766,12 +787,14 @@ def _register_groups() -> None:
     from synthgen.cli_data import splits
     from synthgen.cli_masks import eval_masks, masks_group
     from synthgen.cli_stain import add_stain, eval_stain, pairs, stain
+    from synthgen.cli_view import view
 
     cli.add_command(splits)
     cli.add_command(masks_group)
     cli.add_command(stain)
     cli.add_command(pairs)
     cli.add_command(add_stain)
+    cli.add_command(view)
     eval_group.add_command(eval_masks)
     eval_group.add_command(eval_stain)
 

@@ -17,6 +17,8 @@ DATA = Path(os.environ.get("SYNTHGEN_TEST_DATA", REPO.parent / "shared" / "data"
 CMU = DATA / "slides" / "CMU-1-Small-Region.svs"
 TCGA = DATA / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"
 KATHER = DATA / "classes" / "kather2016"
+SMALL = REPO / "checkpoints" / "synthgen-small-cmu"  # the shipped default pipeline
+V2 = REPO / "checkpoints" / "synthgen-v2"
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +41,26 @@ def tcga(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def kather(data_dir) -> Path:
     return KATHER
+
+
+def _shipped(folder: Path):
+    from synthgen.pipelines.generate import SynthPipeline
+
+    p = SynthPipeline.from_pretrained(folder)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="session")
+def small_pipe():
+    """The shipped default pipeline, loaded once for the session (tests must not modify it)."""
+    return _shipped(SMALL)
+
+
+@pytest.fixture(scope="session")
+def v2_pipe():
+    """The shipped v2 pipeline, loaded once for the session (tests must not modify it)."""
+    return _shipped(V2)
 
 
 def block_pattern(blocks: int = 64, block: int = 16, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,6 @@ import torch
 
 from synthgen.data.slides import Slide
 from synthgen.data.tiling import TileSpec, tile_slide
-from synthgen.pipelines.generate import SynthPipeline
 from synthgen.pipelines.large_image import generate_large
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
@@ -18,10 +17,8 @@ STRUCTURE_MIN = {"ki67": 0.25, "panck": 0.6}
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = SynthPipeline.from_pretrained(CKPT)
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(small_pipe):
+    return small_pipe
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from synthgen.pipelines.generate import SynthPipeline
-
 V2 = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-v2"
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = SynthPipeline.from_pretrained(V2)
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(v2_pipe):
+    return v2_pipe
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ import pytest
 import torch
 
 from synthgen.data.slides import Slide
-from synthgen.pipelines.generate import SynthPipeline
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = SynthPipeline.from_pretrained(SHIPPED)
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(small_pipe):
+    return small_pipe
 
 
 @pytest.fixture(scope="module")

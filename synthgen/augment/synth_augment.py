@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from synthgen.augment.images import as_uint8, like
 from synthgen.errors import SynthgenError
 
 
@@ -116,6 +117,11 @@ class PipelineGenerator:
         if mode == "prior":
             self.prior_source = prior if prior is not None else _shipped_prior(pipeline)
             self.class_map = _class_map(classes, _prior_config(self.prior_source))
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the pipeline makes (and its references must have), in px."""
+        return self._pipeline().image_size
 
     @property
     def follows_masks(self) -> bool:
@@ -402,7 +408,7 @@ class SynthAugment(Dataset):
             kw = {}
             if self.has_masks:
                 kw["masks"] = torch.stack([_mask_tensor(refs[j]) for j in todo])
-            ref_images = torch.stack([_to_uint8(_image(refs[j])) for j in todo])
+            ref_images = torch.stack([as_uint8(_image(refs[j])) for j in todo])
             new = self.generator([self.synthetic[ks[j]][0] for j in todo], ref_images,
                                  [self.synthetic[ks[j]][2] for j in todo], **kw)
             if new.shape[-2:] != ref_images.shape[-2:]:
@@ -482,38 +488,8 @@ def _mask_tensor(item) -> torch.Tensor:
     return m.long()
 
 
-def _to_uint8(image) -> torch.Tensor:
-    if isinstance(image, torch.Tensor):
-        if image.dtype == torch.uint8:
-            return image
-        if image.is_floating_point():
-            return (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    try:
-        from PIL import Image
-
-        if isinstance(image, Image.Image):
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
-        return torch.from_numpy(image).permute(2, 0, 1)
-    raise SynthgenError(f"SynthAugment: unsupported image type {type(image).__name__}; use uint8 or [0, 1] float "
-                        "tensors (3, H, W), HWC uint8 arrays or PIL images")
-
-
-def _like(template, img: torch.Tensor):
-    """The synthetic uint8 (3, H, W) image in the type of the real one."""
-    if isinstance(template, torch.Tensor):
-        return img if template.dtype == torch.uint8 else img.float() / 255
-    if isinstance(template, np.ndarray):
-        return img.permute(1, 2, 0).numpy()
-    from PIL import Image
-
-    return Image.fromarray(img.permute(1, 2, 0).numpy())
-
-
 def _replace(ref, img: torch.Tensor, label: int):
     """The reference item with the synthetic image and its label (a mask, if any, stays)."""
     if isinstance(ref, Mapping):
-        return {**ref, "image": _like(ref["image"], img), "label": label}
-    return (_like(ref[0], img), label, *ref[2:])
+        return {**ref, "image": like(ref["image"], img), "label": label}
+    return (like(ref[0], img), label, *ref[2:])

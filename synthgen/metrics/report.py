@@ -1,5 +1,7 @@
 """One evaluation report of a synthetic set: fidelity, utility, privacy audit, mask adherence and
-stain scores, written as ``report.md`` + ``report.json`` + PNG plots + a real-vs-synthetic grid.
+stain scores, written as ``report.md`` + ``report.json`` + PNG plots + a real-vs-synthetic grid, and
+as ``report.html``: the same report in one self-contained page (images inlined, no network) to
+open in a browser or send to a colleague.
 
 Sections computed here: fidelity (:mod:`synthgen.metrics.fidelity`, needs an encoder), the
 encoder-free fidelity (:mod:`synthgen.metrics.handcrafted`: hand-crafted features, always
@@ -31,7 +33,8 @@ SECTIONS = ("fidelity", "utility", "privacy", "masks", "stain")
 TITLES = {"fidelity": "Fidelity", "utility": "Utility (train on synthetic, test on real)",
           "privacy": "Privacy: memorisation audit", "masks": "Mask adherence", "stain": "Stain scores"}
 FREE_TITLE = "Fidelity, encoder-free features"
-_PLOTS = ("fidelity_prdc.png", "utility_recall.png", "privacy_nn.png")
+_PLOTS = ("fidelity_prdc.png", "utility_recall.png", "privacy_nn.png", "privacy_closest.png", "mask_overlays.png")
+_CLASS_GRID = "samples_class_{}.png"
 _DEFAULT_SKIP = {
     "fidelity": "no encoder given (--encoder SPEC)",
     "utility": "no utility study given (--utility-train, --utility-test and --pipeline, or --utility-json)",
@@ -47,7 +50,7 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
                  stain: Mapping | str | os.PathLike | None = None, class_names: list[str] | None = None,
                  k: int = 5, n_bootstrap: int = 100, seed: int = 0, n_samples: int = 8,
                  sources: Mapping[str, str] | None = None, skipped: Mapping[str, str] | None = None,
-                 encoder_free: bool = True) -> dict:
+                 encoder_free: bool = True, mask_pairs=None) -> dict:
     """Evaluate ``synth`` against ``real`` and write the report into folder ``out``.
 
     Args:
@@ -69,10 +72,15 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
         skipped: reasons to give for sections not produced, instead of the defaults.
         encoder_free: compute the encoder-free FD with its references
             (:func:`~synthgen.metrics.handcrafted.encoder_free_report`, ``seed``); no encoder needed.
+        mask_pairs: synthetic images with the masks they were generated from, ``[(image uint8
+            (3, H, W), label map (H, W)), ...]``: shown as mask overlays (first 8).
 
     Returns:
         ``{"sections": {name: results}, "skipped": {name: reason}, "encoder_free": {...}, "files":
-        [names], ...}``, also written to ``out/report.json``. ``encoder_free`` is the
+        [names], ...}``, also written to ``out/report.json``. The privacy section lists the
+        synthetic items nearest to a training item (``closest``: synthetic and training indices),
+        and the report shows those pairs side by side, training images included: keep a report
+        with an audit where the training data may be seen. ``encoder_free`` is the
         :func:`~synthgen.metrics.handcrafted.encoder_free_report` result, or ``{"skipped": reason}``
         (sets too small, or ``encoder_free=False``).
 
@@ -147,24 +155,40 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
     if "privacy" in sections:
         save_png(_privacy_plot(sections["privacy"]), out / "privacy_nn.png")
         plots["privacy"].append("privacy_nn.png")
+        save_png(_closest_grid(sections["privacy"]["closest"], synth, audit_train), out / "privacy_closest.png")
+        plots["privacy"].append("privacy_closest.png")
 
     for name in ("masks", "stain"):
         if name in given:
             sections[name] = given[name]
         else:
             why[name] = skip[name]
+    if mask_pairs:
+        save_png(_overlay_grid(list(mask_pairs)[:8]), out / "mask_overlays.png")
+        plots["masks"].append("mask_overlays.png")
 
     grid, per_class = _sample_grid(real, synth, n_samples, names, seed)
     save_png(grid, out / "samples.png")
-    files = ["report.md", "report.json", "samples.png", *(p for s in SECTIONS for p in plots[s])]
-    for stale in set(_PLOTS) - set(files):  # from an earlier report in the same folder
+    class_grids = {}
+    if per_class:
+        for c, rows in _class_rows(real, synth, n_samples, seed).items():
+            class_grids[c] = _CLASS_GRID.format(c)
+            save_png(_image_grid(rows), out / class_grids[c])
+    files = ["report.md", "report.html", "report.json", "samples.png", *class_grids.values(),
+             *(p for s in SECTIONS for p in plots[s])]
+    for stale in [*(set(_PLOTS) - set(files)),  # from an earlier report in the same folder
+                  *(f.name for f in out.glob(_CLASS_GRID.format("*")) if f.name not in files)]:
         (out / stale).unlink(missing_ok=True)
     result = {"created": datetime.datetime.now().isoformat(timespec="seconds"),
               "n_real": len(real), "n_synthetic": len(synth), "sources": sources, "class_names": names,
               "samples_per_class": per_class, "sections": sections, "skipped": why, "encoder_free": free,
               "files": files}
+    md = _markdown(result, plots, class_grids)
     atomic_write_text(out / "report.json", json.dumps(result, indent=1, default=_json_default))
-    atomic_write_text(out / "report.md", _markdown(result, plots))
+    atomic_write_text(out / "report.md", md)
+    from synthgen._html import markdown_to_html, page
+
+    atomic_write_text(out / "report.html", page("Synthetic data report", markdown_to_html(md, out)))
     return result
 
 
@@ -172,7 +196,7 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
 
 def _audit(encoder, synth_feats, synth, train, threshold, train_feats=None) -> dict:
     from synthgen.metrics.fidelity import extract_features
-    from synthgen.metrics.privacy import memorization_audit, thumbnails
+    from synthgen.metrics.privacy import memorization_audit, nearest_items, thumbnails
 
     if train_feats is None:
         train_feats, _ = extract_features(encoder, train)
@@ -180,7 +204,15 @@ def _audit(encoder, synth_feats, synth, train, threshold, train_feats=None) -> d
     def thumbs(ds):  # item by item: the sets may mix image sizes
         return torch.cat([thumbnails(ds[i]["image"][None]) for i in range(len(ds))])
 
-    return memorization_audit(synth_feats, train_feats, thumbs(synth), thumbs(train), threshold=threshold)
+    audit = memorization_audit(synth_feats, train_feats, thumbs(synth), thumbs(train), threshold=threshold)
+    ratio = np.asarray(audit["ratio"])
+    if "pixel_ratio" in audit:
+        ratio = np.minimum(ratio, np.asarray(audit["pixel_ratio"]))
+    order = np.argsort(ratio, kind="stable")[:8].tolist()
+    near = nearest_items(synth_feats[order], train_feats)
+    audit["closest"] = [{"synthetic": i, "training": int(j), "ratio": float(ratio[i])}
+                        for i, j in zip(order, near.tolist(), strict=True)]
+    return audit
 
 
 def _load_results(given, name: str) -> dict:
@@ -243,9 +275,63 @@ def _privacy_plot(audit: dict):
                      xlabel="distance / median real-to-real nearest-neighbour distance")
 
 
-def _sample_grid(real, synth, n: int, names, seed: int):
+def _closest_grid(closest: list[dict], synth, train):
+    """The synthetic items nearest to a training item, above their nearest training images."""
+    rows = [("synthetic", [synth[c["synthetic"]]["image"] for c in closest]),
+            ("nearest training", [train[c["training"]]["image"] for c in closest])]
+    return _image_grid(rows)
+
+
+def _overlay_grid(pairs):
+    """Rows: the condition mask, the synthetic image, and the mask's outlines over the image."""
+    from skimage.segmentation import find_boundaries
+
+    rows = {"mask": [], "synthetic": [], "overlay": []}
+    for image, mask in pairs:
+        img = np.asarray(image.cpu() if hasattr(image, "cpu") else image)
+        img = img.transpose(1, 2, 0) if img.shape[0] == 3 and img.shape[-1] != 3 else img
+        m = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask)
+        if m.shape != img.shape[:2]:
+            from PIL import Image
+
+            m = np.asarray(Image.fromarray(m.astype(np.int32)).resize(img.shape[1::-1], Image.NEAREST))
+        shown = np.full(img.shape, 255, np.uint8)
+        shown[m > 0] = (200, 200, 230)
+        edge = find_boundaries(m, mode="inner")
+        shown[edge] = (40, 40, 160)
+        over = img.copy()
+        over[edge] = (0, 255, 0)
+        rows["mask"].append(shown)
+        rows["synthetic"].append(img)
+        rows["overlay"].append(over)
+    return _image_grid(list(rows.items()))
+
+
+def _image_grid(rows):
+    """``image_grid`` at the rows' image size (48 to 128 px); images (3, H, W) or (H, W, 3)."""
     from synthgen.metrics.plots import image_grid
 
+    def width(im) -> int:
+        a = np.asarray(im.cpu() if hasattr(im, "cpu") else im)
+        return a.shape[-1] if a.shape[0] == 3 and a.shape[-1] != 3 else a.shape[1]
+
+    return image_grid(rows, tile=int(np.clip(max(width(r[1][0]) for r in rows if r[1]), 48, 128)))
+
+
+def _class_rows(real, synth, n: int, seed: int) -> dict[int, list]:
+    """Per class in both sets (first 8): a row of random real and a row of random synthetic images."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for c in sorted(set(real.labels) & set(synth.labels))[:8]:
+        rows = []
+        for what, ds in (("real", real), ("synthetic", synth)):
+            idx = [i for i, v in enumerate(ds.labels) if v == c]
+            rows.append((what, [ds[idx[i]]["image"] for i in torch.randperm(len(idx), generator=g)[:n].tolist()]))
+        out[c] = rows
+    return out
+
+
+def _sample_grid(real, synth, n: int, names, seed: int):
     g = torch.Generator().manual_seed(seed)
 
     def pick(idx: list[int], m: int) -> list:
@@ -266,13 +352,12 @@ def _sample_grid(real, synth, n: int, names, seed: int):
                 rows.append(("real", [real[i]["image"] for i in ri[j : j + n]]))
         for j in range(0, len(si), n):
             rows.append(("synthetic", [synth[i]["image"] for i in si[j : j + n]]))
-    side = int(np.clip(max(r[1][0].shape[-1] for r in rows), 48, 128))
-    return image_grid(rows, tile=side), rl is not None and sl is not None and bool(set(rl) & set(sl))
+    return _image_grid(rows), rl is not None and sl is not None and bool(set(rl) & set(sl))
 
 
 # -- markdown ------------------------------------------------------------------------------------
 
-def _markdown(r: dict, plots: dict[str, list[str]]) -> str:
+def _markdown(r: dict, plots: dict[str, list[str]], class_grids: Mapping[int, str] | None = None) -> str:
     src = r["sources"]
     lines = ["# Synthetic data report", "",
              f"Created {r['created']}. Real set: {r['n_real']} images"
@@ -292,7 +377,7 @@ def _markdown(r: dict, plots: dict[str, list[str]]) -> str:
     for s in SECTIONS:
         lines += [f"## {TITLES[s]}", ""]
         if s not in r["sections"]:
-            lines += [f"Skipped: {r['skipped'][s]}.", ""]
+            lines += [f"Skipped: {r['skipped'][s]}.", ""] + [f"![{s}]({p})" for p in plots[s]] + ([""] if plots[s] else [])
             if s == "fidelity":
                 lines += _md_encoder_free(free)
             continue
@@ -300,10 +385,30 @@ def _markdown(r: dict, plots: dict[str, list[str]]) -> str:
         lines += body + [""] + [f"![{s}]({p})" for p in plots[s]] + ([""] if plots[s] else [])
         if s == "fidelity":
             lines += _md_encoder_free(free)
+    if class_grids:
+        lines += _md_per_class(r, class_grids)
     skipped = [s for s in SECTIONS if s not in r["sections"]]
     if skipped:
         lines += ["## Skipped sections", ""] + [f"- {TITLES[s]}: {r['skipped'][s]}" for s in skipped] + [""]
     return "\n".join(lines)
+
+
+def _md_per_class(r: dict, class_grids: Mapping[int, str]) -> list[str]:
+    """One sub-section per class: its fidelity row (when computed) and real-vs-synthetic samples."""
+    names = r["class_names"]
+    fid = r["sections"].get("fidelity", {}).get("per_class", {})
+    lines = ["## Per class", ""]
+    for c, grid in class_grids.items():
+        name = _class_name(c, names)
+        lines += [f"### {name}", ""]
+        o = fid.get(c, fid.get(str(c)))
+        if o is not None:
+            lines += _table(["n real", "n synthetic", "FD", "precision", "recall"],
+                            [[str(o["n_real"]), str(o["n_fake"]), _n(o["fd"]["value"]),
+                              *(_n(o[m]["value"], 3) if m in o else "n/a" for m in ("precision", "recall"))]]) + [""]
+        lines += [f"![{name}: real and synthetic samples]({grid})", "",
+                  f"Random real {name} images above random synthetic ones.", ""]
+    return lines
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -386,7 +491,9 @@ def _md_privacy(a: dict, names) -> list[str]:
             rows.append([f"{label}: min / 5% / median", " / ".join(_n(x, 3) for x in np.quantile(v, [0, 0.05, 0.5]))])
     return (["Each synthetic item's distance to its nearest training item, divided by the median "
              "real-to-real nearest-neighbour distance; under the threshold in either space it is "
-             "flagged as a near-copy. No training item is identified here.", ""]
+             "flagged as a near-copy. The second figure shows the synthetic items nearest to a training item "
+             "(by the smaller of the two ratios) above their nearest training images (encoder space): the "
+             "pairs to look at before sharing.", ""]
             + _table(["", "value"], rows))
 
 
