@@ -66,7 +66,8 @@ def test_write_report_sections_plots_and_skips(sets, tmp_path):
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
     rep = write_report(out, real, synth)  # again, without inputs: no stale plots left behind
-    assert rep["sections"] == {} and sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "samples.png"]
+    assert rep["sections"] == {} and sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md",
+                                                                      "samples.png"]
 
 
 def test_report_without_encoder_names_every_skipped_section(sets, tmp_path, capsys):
