@@ -177,3 +177,9 @@ def test_gallery_pages_through_10000_items(generated, tmp_path):
     assert last["cards"] == 10_000 - 83 * 120 and "Showing 9961–10000" in last["status"]
     one_class = probe(page, fragment="class=class+1&page=2")
     assert one_class["cards"] == 120 and all("class 1" in c for c in one_class["card_classes"])
+    # the class select, as a person picks from it: only that class, back on page 1
+    pick = ("const s = document.getElementById('class'); s.value = 'class 2';"
+            "s.dispatchEvent(new Event('change'));")
+    picked = probe(page, fragment="page=3", action=pick)
+    assert picked["hash"] == "#class=class+2" and "of 3333" in picked["status"]
+    assert picked["cards"] == 120 and all("class 2" in c for c in picked["card_classes"])
