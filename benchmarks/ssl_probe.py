@@ -216,6 +216,7 @@ def main() -> None:
         import json
 
         args.json.write_text(json.dumps(r, indent=1))
+    print(f"headline: ssl_probe_accuracy_vs_reference ratio={r['summary'][0]['ratio']:.4f}")
 
 
 if __name__ == "__main__":

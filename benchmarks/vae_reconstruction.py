@@ -96,6 +96,7 @@ def main() -> None:
         print(f"{name[-44:]:44s} {m['psnr']:8.2f} {m['ssim']:6.3f} {m['sharpness_ratio']:9.3f}")
     if args.grid:
         print(f"grid -> {args.grid}")
+    print(f"headline: vae_psnr_vs_bicubic ratio={r['summary'][0]['ratio']:.4f}")
 
 
 if __name__ == "__main__":

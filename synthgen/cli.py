@@ -319,6 +319,9 @@ def train(config, overrides, resume, stop_at, print_config, force):
                    "detail; 1 starts from pure noise (only the reference's embedding is kept).")
 @click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default=None,
               help="Override the pipeline's scheduler.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Compute precision (autocast): auto is bf16 on CPUs with native bf16 (AVX512-BF16, AMX) and on "
+                   "CUDA, else fp32. Recorded in manifest.json; an image regenerates exactly at the same dtype.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Job seed: image i gets seed*1000000 + i.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -330,7 +333,7 @@ def train(config, overrides, resume, stop_at, print_config, force):
               help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
                    "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
 def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-             realism_ref, guidance, steps, strength, sampler, seed, batch_size, masks_dir, controlnet, force):
+             realism_ref, guidance, steps, strength, sampler, dtype, seed, batch_size, masks_dir, controlnet, force):
     """Generate a synthetic dataset with PIPELINE (a SynthPipeline folder).
 
     Splits across processes under `accelerate launch` / `torchrun` (each writes its own share;
@@ -349,7 +352,7 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
                             embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
                             use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
                             batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref,
-                            strength=strength)
+                            strength=strength, dtype=dtype)
     if path is not None:
         click.echo(f"{num_images} images -> {out} (manifest: {path})")
         if use_filter:

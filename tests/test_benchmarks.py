@@ -55,3 +55,23 @@ def test_summary_table_and_section_added_first(vae_run, tmp_path):
     assert text.index("## All benchmarks") < text.index("## Older entry") and text.endswith("old table\n")
     assert "Command: `python benchmarks/run_all.py --quick`" in text and f"Machine: {m['cpu']}" in text
     assert "machine was shared" in text and "| vae_reconstruction |" in text
+
+
+def test_every_benchmark_ends_with_its_headline_line():
+    """Each benchmark script's main() prints `headline: <name> ratio=<number>` last (issue 19)."""
+    import ast
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    skip = {"run_all.py", "pix2pix.py"}  # the runner, and the baseline trainer the stain benchmark calls
+    checked = 0
+    for path in sorted(bench.glob("[!_]*.py")):
+        if path.name in skip:
+            continue
+        tree = ast.parse(path.read_text())
+        main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
+        assert main is not None, f"{path.name}: no main()"
+        prints = [n for n in ast.walk(main) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+        last = max(prints, key=lambda n: (n.lineno, n.col_offset))
+        assert "headline: " in ast.unparse(last) and "ratio=" in ast.unparse(last), f"{path.name}: {ast.unparse(last)}"
+        checked += 1
+    assert checked >= 10

@@ -91,6 +91,8 @@ class PipelineGenerator:
             CPU. DataLoader workers that generate on a GPU need
             ``multiprocessing_context="spawn"`` (CUDA does not survive a fork). Images come back
             on the CPU. Not part of the cache key: CPU and GPU results differ only in rounding.
+        dtype: compute precision of the pipeline (``auto``: bf16 autocast where the hardware has
+            native bf16, else fp32; ``bf16``, ``fp16``, ``fp32``); part of the cache key.
 
     Raises:
         SynthgenError: an unknown mode, a prior mode without a prior or with classes that do not
@@ -100,14 +102,20 @@ class PipelineGenerator:
     def __init__(self, pipeline, mode: str = "variation", guidance_scale: float = 2.0, num_inference_steps: int = 8,
                  classes: Sequence[str] | Mapping[int, int | str] | None = None, prior=None,
                  controlnet_conditioning_scale: float = 1.0, device: str | torch.device | None = None,
-                 strength: float = 1.0):
+                 strength: float = 1.0, dtype: str = "auto"):
         if mode not in MODES:
             raise SynthgenError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not 0 < strength <= 1:
             raise SynthgenError(f"strength must be in (0, 1], got {strength}")
         if strength < 1 and mode != "variation":
             raise SynthgenError(f"strength < 1 (anchored variations) needs mode='variation', got mode={mode!r}")
-        self.strength = strength
+        from synthgen.pipelines.precision import resolve_dtype
+
+        try:
+            resolve_dtype(dtype, "cpu")  # an unknown name fails here, not in a worker
+        except ValueError as e:
+            raise SynthgenError(str(e)) from e
+        self.strength, self.dtype = strength, dtype
         self.source, self.mode = pipeline, mode
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
         self.controlnet_conditioning_scale = controlnet_conditioning_scale
@@ -161,12 +169,18 @@ class PipelineGenerator:
                 "mode": self.mode, "guidance": self.guidance_scale, "steps": self.num_inference_steps,
                 "controlnet_scale": self.controlnet_conditioning_scale,
                 "classes": sorted((self.class_map or {}).items())} | (
-                    {"strength": self.strength} if self.strength != 1 else {})).encode())  # old cache keys stay
+                    {"strength": self.strength} if self.strength != 1 else {}) | (
+                    {"dtype": self._dtype_name()} if self._dtype_name() != "fp32" else {})).encode())  # old keys stay
             for src in (self.source, self.prior_source):
                 if src is not None:
                     h.update(_model_hash(src).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def _dtype_name(self) -> str:
+        from synthgen.pipelines.precision import dtype_name, resolve_dtype
+
+        return dtype_name(resolve_dtype(self.dtype, self.device or "cpu"))
 
     def __call__(self, labels: list[int], references: torch.Tensor | None, seeds: list[int],
                  masks: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,7 +206,7 @@ class PipelineGenerator:
         if self.mode != "class" and pipe.transformer.config.num_classes:
             kw["class_labels"] = labels
         with torch.no_grad():
-            return pipe(**kw, seeds=seeds, guidance_scale=self.guidance_scale,
+            return pipe(**kw, seeds=seeds, guidance_scale=self.guidance_scale, dtype=self.dtype,
                         num_inference_steps=self.num_inference_steps, output_type="pt").images
 
     def check_labels(self, labels) -> None:

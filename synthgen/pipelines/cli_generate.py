@@ -183,7 +183,7 @@ def filter_summary(manifest: dict) -> list[str]:
 
 def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
                  guidance, steps, sampler, seed, batch_size, masks_dir=None, controlnet=None, realism_ref=None,
-                 strength: float = 1.0):
+                 strength: float = 1.0, dtype: str = "auto"):
     """``synthgen generate``. A pipeline folder may ship ``bank/`` (labelled real embeddings, the
     default for --cache when a class, the filter or a bank mode needs one) and ``prior/`` (the
     default --prior); ``label`` is a class id or a class name of the prior or bank.
@@ -207,6 +207,7 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
 
     from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.jobs import merge_manifest, run_plan
+    from synthgen.pipelines.precision import dtype_name, resolve_dtype
     from synthgen.pipelines.sampling import make_scheduler
 
     mask_files = None
@@ -248,6 +249,7 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     state = PartialState(cpu=not torch.cuda.is_available())
     pipe = SynthPipeline.from_pretrained(pipeline).to(state.device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.inference_dtype = dtype
     if sampler:
         cfg = pipe.scheduler.config
         pipe.scheduler = make_scheduler(cfg.get("prediction_type", "epsilon"), sampler,
@@ -286,7 +288,7 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
                                 ).hexdigest()[:16] if (Path(pipeline) / "transformer").exists() else None
     meta = {"model_sha256": model_hash, "mode": plan.kind, "class": label, "guidance_scale": guidance,
             "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed,
-            "strength": strength}
+            "strength": strength, "dtype": dtype_name(resolve_dtype(dtype, pipe._execution_device))}
     if names and label is not None:
         meta["class_name"] = names[label]
     licence = model_licence(pipeline)

@@ -16,6 +16,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from synthgen.pipelines.precision import autocast, resolve_dtype
 from synthgen.pipelines.sampling import CLIP_DENOISED, SAMPLERS, make_scheduler, sample_latents
 
 
@@ -48,6 +49,7 @@ class SynthPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->controlnet->transformer->vae"
+    inference_dtype = "auto"  # the default ``dtype=`` of a call; set per pipeline (``pipe.inference_dtype = "fp32"``)
     _optional_components = ["image_encoder", "text_encoder", "tokenizer", "controlnet"]
 
     def __init__(self, transformer, vae, scheduler, image_encoder=None, text_encoder=None, tokenizer=None,
@@ -182,6 +184,7 @@ class SynthPipeline(DiffusionPipeline):
         strength: float = 1.0,
         source_images=None,
         image_guidance_scale: float | None = None,
+        dtype: str | torch.dtype | None = None,
     ):
         """Generate ``num_images_per_condition`` images for each condition.
 
@@ -236,6 +239,12 @@ class SynthPipeline(DiffusionPipeline):
             image_guidance_scale: guidance on the source image, separate from ``guidance_scale``
                 on the other conditions (InstructPix2Pix; see ``sample_latents``). None keeps the
                 source in both guidance passes.
+            dtype: compute precision: ``auto`` (default: the pipeline's ``inference_dtype``,
+                itself ``auto``: bfloat16 autocast on CPUs with native bf16 and on CUDA, else
+                float32), ``bf16``, ``fp16`` or ``fp32``. Autocast covers the image encoder, the
+                denoiser (attention included), the mask branch and the VAE decode; weights stay
+                float32. An image regenerates exactly from its seed at the same dtype (BENCHMARKS.md
+                gives the bf16 vs fp32 difference and speed).
 
         Returns:
             :class:`SynthOutput` with ``images`` and ``seeds``.
@@ -246,64 +255,66 @@ class SynthPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        model = self.transformer
-        if masks is not None:
-            mask_t, model = self._masks(masks)
-            if all(c is None for c in (embeddings, images, class_labels, prompts, labels, sources)):
-                conds, n = self.transformer.null_conditions(len(mask_t)), len(mask_t)
-                guidance_scale = 1.0  # the condition is the null one: guidance would do nothing
+        compute = resolve_dtype(self.inference_dtype if dtype is None else dtype, self._execution_device)
+        with autocast(compute, self._execution_device):
+            model = self.transformer
+            if masks is not None:
+                mask_t, model = self._masks(masks)
+                if all(c is None for c in (embeddings, images, class_labels, prompts, labels, sources)):
+                    conds, n = self.transformer.null_conditions(len(mask_t)), len(mask_t)
+                    guidance_scale = 1.0  # the condition is the null one: guidance would do nothing
+                else:
+                    conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder, labels, sources)
+                conds["mask"] = mask_t
+                n = _same(n, len(mask_t), "masks")
+                model.conditioning_scale = controlnet_conditioning_scale
             else:
                 conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder, labels, sources)
-            conds["mask"] = mask_t
-            n = _same(n, len(mask_t), "masks")
-            model.conditioning_scale = controlnet_conditioning_scale
-        else:
-            conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder, labels, sources)
-        if self.transformer.config.get("source_channels", 0):
-            if source_images is None:
-                raise ValueError("this pipeline's transformer translates images: pass source_images= (the N source "
-                                 f"tiles, {self.image_size} px)")
-            conds["source_latents"] = self._latents_of(source_images, "source_images must be")
-            n = _same(n, len(conds["source_latents"]), "source_images")
-        elif source_images is not None:
-            raise ValueError("source_images= needs a transformer with source channels (an image-to-image model)")
-        if n is None:
-            raise ValueError("give at least one condition (embeddings, images, class_labels or prompts)")
-        guided = _guided_keys(guide)
-        total = n * num_images_per_condition
-        conds = {k: v.repeat_interleave(num_images_per_condition, dim=0) for k, v in conds.items()}
-        init = None
-        if strength != 1.0:
-            if images is None:
-                raise ValueError("strength= needs images= (the references to start from)")
-            init = self._latents_of(images, "strength= needs references of")
-            init = init.repeat_interleave(num_images_per_condition, dim=0)
-        seeds = _seeds(seeds, total, generator)
-        scheduler = self._scheduler_for(sampler)
-        device = self._execution_device
-        vae = self._vae()
-        outs, latents = [], []
-        for lo in self.progress_bar(range(0, total, batch_size)):
-            hi = min(total, lo + batch_size)
-            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
-            part = {k: v[lo:hi].to(device) for k, v in conds.items()}
-            z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
-                               guidance_interval=guidance_interval, guide=guided, clip_denoised=clip_denoised,
-                               init_latents=None if init is None else init[lo:hi], strength=strength,
-                               image_guidance_scale=image_guidance_scale)
+            if self.transformer.config.get("source_channels", 0):
+                if source_images is None:
+                    raise ValueError("this pipeline's transformer translates images: pass source_images= (the N source "
+                                     f"tiles, {self.image_size} px)")
+                conds["source_latents"] = self._latents_of(source_images, "source_images must be")
+                n = _same(n, len(conds["source_latents"]), "source_images")
+            elif source_images is not None:
+                raise ValueError("source_images= needs a transformer with source channels (an image-to-image model)")
+            if n is None:
+                raise ValueError("give at least one condition (embeddings, images, class_labels or prompts)")
+            guided = _guided_keys(guide)
+            total = n * num_images_per_condition
+            conds = {k: v.repeat_interleave(num_images_per_condition, dim=0) for k, v in conds.items()}
+            init = None
+            if strength != 1.0:
+                if images is None:
+                    raise ValueError("strength= needs images= (the references to start from)")
+                init = self._latents_of(images, "strength= needs references of")
+                init = init.repeat_interleave(num_images_per_condition, dim=0)
+            seeds = _seeds(seeds, total, generator)
+            scheduler = self._scheduler_for(sampler)
+            device = self._execution_device
+            vae = self._vae()
+            outs, latents = [], []
+            for lo in self.progress_bar(range(0, total, batch_size)):
+                hi = min(total, lo + batch_size)
+                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
+                part = {k: v[lo:hi].to(device) for k, v in conds.items()}
+                z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
+                                   guidance_interval=guidance_interval, guide=guided, clip_denoised=clip_denoised,
+                                   init_latents=None if init is None else init[lo:hi], strength=strength,
+                                   image_guidance_scale=image_guidance_scale)
+                if output_type == "latent":
+                    latents.append(z.float().cpu())
+                else:
+                    outs.append(to_uint8(vae.decode(z)).cpu())
             if output_type == "latent":
-                latents.append(z.cpu())
+                result = torch.cat(latents)
             else:
-                outs.append(to_uint8(vae.decode(z)).cpu())
-        if output_type == "latent":
-            result = torch.cat(latents)
-        else:
-            imgs = torch.cat(outs)
-            if output_type == "pt":
-                result = imgs
-            else:
-                arr = imgs.permute(0, 2, 3, 1).numpy()
-                result = arr if output_type == "np" else self.numpy_to_pil(arr)
+                imgs = torch.cat(outs)
+                if output_type == "pt":
+                    result = imgs
+                else:
+                    arr = imgs.permute(0, 2, 3, 1).numpy()
+                    result = arr if output_type == "np" else self.numpy_to_pil(arr)
         self.maybe_free_model_hooks()
         return SynthOutput(images=result, seeds=[int(s) for s in seeds]) if return_dict else (result, seeds)
 

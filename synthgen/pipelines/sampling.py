@@ -221,13 +221,14 @@ def sample_latents(
         pos = i / max(n - 1, 1)
         if guided and (guidance_interval is None or guidance_interval[0] <= pos <= guidance_interval[1]):
             k = len(passes)
-            out = model(torch.cat([xin] * k), torch.cat([tt] * k), **stacked).sample[:, : cfg.in_channels].chunk(k)
+            out = model(torch.cat([xin] * k), torch.cat([tt] * k), **stacked).sample[:, : cfg.in_channels].float()
+            out = out.chunk(k)  # float32 from here on, also under autocast: guidance and the step stay exact
             if image:  # out = (c, c_I, u)
                 out = out[2] + image_guidance_scale * (out[1] - out[2]) + guidance_scale * (out[0] - out[1])
             else:
                 out = out[1] + guidance_scale * (out[0] - out[1])
         else:
-            out = model(xin, tt, **conditions).sample[:, : cfg.in_channels]
+            out = model(xin, tt, **conditions).sample[:, : cfg.in_channels].float()
         if clip_denoised is not None:
             out = clamp_denoised(out, xin, t, scheduler, i, clip_denoised)
         x = scheduler.step(out, t, x).prev_sample
