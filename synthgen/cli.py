@@ -311,7 +311,13 @@ def train(config, overrides, resume, stop_at, print_config, force):
               help="Real tiles (image folder, resized to the model's tile size, or a tile table at the model's mpp) "
                    "for the --filter realism check; its threshold is calibrated on them [default: --images].")
 @click.option("--guidance", type=float, default=2.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampling steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Sampling steps [default: 20; 4 with --fast]. With 1-4 steps a pipeline's few-step variant "
+                   "(fast_transformer/) is used where it applies, as with --fast.")
+@click.option("--fast", is_flag=True,
+              help="Sample with the pipeline's few-step variant (a consistency-distilled student with guidance "
+                   "folded in; `synthgen add-fast`): 1-4 steps, one denoiser pass each; an error where it does "
+                   "not apply (masks, --strength, --sampler, another --guidance than its folded one).")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="With --images: anchored variations (SDEdit). Each image starts from its reference's latent "
                    "noised this fraction of the way along the sampling trajectory: low values (0.1-0.4 with the "
@@ -333,7 +339,8 @@ def train(config, overrides, resume, stop_at, print_config, force):
               help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
                    "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
 def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-             realism_ref, guidance, steps, strength, sampler, dtype, seed, batch_size, masks_dir, controlnet, force):
+             realism_ref, guidance, steps, fast, strength, sampler, dtype, seed, batch_size, masks_dir, controlnet,
+             force):
     """Generate a synthetic dataset with PIPELINE (a SynthPipeline folder).
 
     Splits across processes under `accelerate launch` / `torchrun` (each writes its own share;
@@ -347,12 +354,16 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
     from synthgen._io import OutputLock
     from synthgen.pipelines.cli_generate import filter_summary, run_generate
 
+    if steps is None:
+        from synthgen.pipelines.generate import SynthPipeline
+
+        steps = SynthPipeline.FAST_MAX_STEPS if fast else 20
     with OutputLock(out, "generate", force=force, enabled=int(os.environ.get("RANK", "0")) == 0):
         path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
                             embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
                             use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
                             batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref,
-                            strength=strength, dtype=dtype)
+                            strength=strength, dtype=dtype, fast=fast)
     if path is not None:
         click.echo(f"{num_images} images -> {out} (manifest: {path})")
         if use_filter:
@@ -436,6 +447,19 @@ def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet):
                          controlnet=MaskControlNet.from_pretrained(controlnet) if controlnet else None)
     pipe.save_pretrained(out)
     click.echo(f"pipeline ({prediction}, {sampler}) -> {out}")
+
+
+@cli.command("add-fast")
+@click.argument("pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("student", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def add_fast(pipeline, student):
+    """Add STUDENT, a few-step model from `synthgen train` (task: consistency; its `model/`
+    folder), to PIPELINE as its fast variant (fast_transformer/, fast_scheduler/): then
+    `synthgen generate --fast` and calls with 1-4 steps sample with it."""
+    from synthgen.pipelines.fast import add_fast_variant
+
+    add_fast_variant(pipeline, student)
+    click.echo(f"fast variant {student} -> {pipeline}/fast_transformer, fast_scheduler")
 
 
 @cli.group("eval")

@@ -201,6 +201,11 @@ class ObjectiveConfig:
     cfg_dropout_labels: float = 0.0
     cfg_dropout_sources: float = 0.0
     cfg_dropout_image: float = 0.0  # stain_denoiser: the source image's latents alone (zeros, InstructPix2Pix)
+    # consistency distillation only (synthgen.training.distill): the guidance scale folded into the
+    # student, the teacher's DDIM skip in timesteps (T / skip points), the pseudo-Huber constant
+    distill_guidance: float = 2.0
+    distill_skip: int = 20
+    huber_c: float = 0.001
     kl_weight: float = 1e-6  # VAE only
     # VAE only, the sharpness terms (synthgen.models.discriminator): L1 on image gradients, L1 on
     # log Fourier amplitudes, and a PatchGAN hinge loss whose generator term starts at
@@ -285,7 +290,7 @@ class LoraConfig:
 class TrainConfig:
     """A training run. Load from YAML with :func:`load_train_config`."""
 
-    task: Literal["denoiser", "controlnet", "vae", "ssl", "prior", "translator", "stain_denoiser"]
+    task: Literal["denoiser", "controlnet", "vae", "ssl", "prior", "translator", "stain_denoiser", "consistency"]
     output_dir: str
     steps: int
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -74,7 +74,10 @@ class PipelineGenerator:
             image) or ``mask`` (the sample's own mask through the pipeline's mask branch, with the
             sample's embedding when the model takes one; for datasets with masks, which the
             synthetic item keeps).
-        guidance_scale, num_inference_steps: sampling settings.
+        guidance_scale, num_inference_steps: sampling settings. ``num_inference_steps`` None
+            (default): the pipeline's few-step variant at ``SynthPipeline.FAST_MAX_STEPS`` steps
+            where it has one and the mode allows (``variation`` at strength 1, ``class``,
+            ``prior``, at its folded guidance), else 8 steps of the base model.
         classes: ``prior`` mode: how dataset class ids map to the prior's classes; a list of the
             dataset's class names (``ImageListDataset.classes``; matched to the prior's
             ``class_names`` case-insensitively, a leading ``01_``-style number ignored) or a dict
@@ -99,7 +102,8 @@ class PipelineGenerator:
             map to it.
     """
 
-    def __init__(self, pipeline, mode: str = "variation", guidance_scale: float = 2.0, num_inference_steps: int = 8,
+    def __init__(self, pipeline, mode: str = "variation", guidance_scale: float = 2.0,
+                 num_inference_steps: int | None = None,
                  classes: Sequence[str] | Mapping[int, int | str] | None = None, prior=None,
                  controlnet_conditioning_scale: float = 1.0, device: str | torch.device | None = None,
                  strength: float = 1.0, dtype: str = "auto"):
@@ -117,6 +121,8 @@ class PipelineGenerator:
             raise SynthgenError(str(e)) from e
         self.strength, self.dtype = strength, dtype
         self.source, self.mode = pipeline, mode
+        if num_inference_steps is None:
+            num_inference_steps = _fast_steps(pipeline, mode, strength, guidance_scale) or 8
         self.guidance_scale, self.num_inference_steps = guidance_scale, num_inference_steps
         self.controlnet_conditioning_scale = controlnet_conditioning_scale
         self.device = None if device is None else torch.device(device)
@@ -225,6 +231,26 @@ class PipelineGenerator:
             g = torch.Generator().manual_seed(int(np.random.SeedSequence([int(s), 1]).generate_state(1)[0]))
             out.append(self._prior.sample([self.class_map[c]], generator=g).cpu())
         return torch.cat(out)
+
+
+def _fast_steps(pipeline, mode: str, strength: float, guidance_scale: float) -> int | None:
+    """Steps of the pipeline's few-step variant when it can serve this generator, else None."""
+    from synthgen.pipelines.generate import SynthPipeline
+
+    if mode == "mask" or strength != 1:
+        return None
+    if isinstance(pipeline, (str, os.PathLike)):
+        cfg_path = Path(pipeline) / "fast_transformer" / "config.json"
+        if not (cfg_path.is_file() and (Path(pipeline) / "fast_scheduler").is_dir()):
+            return None
+        folded = json.loads(cfg_path.read_text()).get("distilled_guidance_scale")
+    else:
+        if getattr(pipeline, "fast_transformer", None) is None:
+            return None
+        folded = pipeline.fast_transformer.config.get("distilled_guidance_scale")
+    if folded is not None and abs(folded - guidance_scale) > 1e-6:
+        return None
+    return SynthPipeline.FAST_MAX_STEPS
 
 
 def _shipped_prior(pipeline):

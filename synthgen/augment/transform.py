@@ -41,7 +41,8 @@ class SynthTransform:
         p: probability that an image is replaced.
         strength: anchoring of the variation (SDEdit, see ``SynthPipeline``'s ``strength``);
             only with a pipeline as ``generator``. Default 0.5.
-        guidance_scale, num_inference_steps: sampling settings, with a pipeline as ``generator``.
+        guidance_scale, num_inference_steps: sampling settings, with a pipeline as ``generator``
+            (steps: see ``PipelineGenerator``).
         seed: separates the random streams of transforms that would otherwise share them.
 
     Images may be PIL images, uint8 or [0, 1] float tensors (3, H, W) or (B, 3, H, W), or HWC uint8
@@ -54,7 +55,7 @@ class SynthTransform:
     """
 
     def __init__(self, generator, p: float = 0.5, strength: float | None = None, guidance_scale: float = 2.0,
-                 num_inference_steps: int = 8, seed: int = 0):
+                 num_inference_steps: int | None = None, seed: int = 0):
         if not 0 <= p <= 1:
             raise SynthgenError(f"SynthTransform: p must be in [0, 1], got {p}")
         if _is_pipeline(generator):

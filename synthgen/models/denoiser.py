@@ -147,7 +147,10 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         class_names: list[str] | None = None,
         source_names: list[str] | None = None,
         source_channels: int = 0,
+        distilled_guidance_scale: float | None = None,
     ):
+        # distilled_guidance_scale: set on a few-step student (task consistency): the guidance
+        # scale folded into it, so it samples with one pass per step (recorded, not used here)
         if caption_channels is None:
             raise ValueError("Denoiser needs caption_channels (the width of the condition tokens)")
         inner = num_attention_heads * attention_head_dim

@@ -86,6 +86,6 @@ def check_pipeline_folder(folder) -> None:
                 json.loads(c.read_text())
             except ValueError as e:
                 raise CheckpointError(f"{c}: component {name!r} has a broken config ({e})") from e
-        if name not in ("scheduler", "tokenizer") and not any(sub.glob("*.safetensors")) \
+        if not name.endswith(("scheduler", "tokenizer")) and not any(sub.glob("*.safetensors")) \
                 and not any(sub.glob("*.bin")):
             raise CheckpointError(f"{sub}/: component {name!r} has no weights (*.safetensors)")

@@ -183,7 +183,7 @@ def filter_summary(manifest: dict) -> list[str]:
 
 def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
                  guidance, steps, sampler, seed, batch_size, masks_dir=None, controlnet=None, realism_ref=None,
-                 strength: float = 1.0, dtype: str = "auto"):
+                 strength: float = 1.0, dtype: str = "auto", fast: bool = False):
     """``synthgen generate``. A pipeline folder may ship ``bank/`` (labelled real embeddings, the
     default for --cache when a class, the filter or a bank mode needs one) and ``prior/`` (the
     default --prior); ``label`` is a class id or a class name of the prior or bank.
@@ -261,6 +261,11 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     if mask_files is not None and pipe.controlnet is None:
         raise SynthgenError(f"--masks: {pipeline} has no mask branch (controlnet/); pass --controlnet DIR "
                             "(train one with `synthgen train`, task: controlnet)")
+    if fast:
+        why = pipe.fast_unavailable(steps, guidance, masks=mask_files, strength=strength, sampler=sampler)
+        if why:
+            raise SynthgenError(f"--fast: {why}")
+    used_fast = pipe.fast_unavailable(steps, guidance, masks=mask_files, strength=strength, sampler=sampler) is None
     plan = build_plan(pipe, n, mode, bank, images_dir, label, prior, seed)
     if mask_files is not None:
         plan.masks = [mask_files[i % len(mask_files)] for i in range(len(plan))]
@@ -280,14 +285,15 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
         class_filter, encoder = ClassFilter(*bank), pipe.image_encoder
     run_plan(pipe, plan, out, rank=state.process_index, world=state.num_processes, guidance_scale=guidance,
              num_inference_steps=steps, batch_size=batch_size, class_filter=class_filter, encoder=encoder,
-             progress=state.is_main_process, strength=strength)
+             progress=state.is_main_process, strength=strength, fast=used_fast)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     model_hash = hashlib.sha256((Path(pipeline) / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
                                 ).hexdigest()[:16] if (Path(pipeline) / "transformer").exists() else None
     meta = {"model_sha256": model_hash, "mode": plan.kind, "class": label, "guidance_scale": guidance,
-            "num_inference_steps": steps, "sampler": sampler or type(pipe.scheduler).__name__, "seed": seed,
+            "num_inference_steps": steps, "seed": seed, "fast_variant": used_fast,
+            "sampler": type(pipe.fast_scheduler).__name__ if used_fast else sampler or type(pipe.scheduler).__name__,
             "strength": strength, "dtype": dtype_name(resolve_dtype(dtype, pipe._execution_device))}
     if names and label is not None:
         meta["class_name"] = names[label]

@@ -41,6 +41,9 @@ class SynthPipeline(DiffusionPipeline):
         text_encoder, tokenizer: optional transformers text model and its tokenizer.
         controlnet: optional :class:`~synthgen.models.controlnet.MaskControlNet`; then ``masks=``
             (label maps at image resolution) place the nuclei / regions of each image.
+        fast_transformer, fast_scheduler: optional few-step variant: a consistency-distilled
+            student of ``transformer`` with guidance folded in (``task: consistency``) and its
+            ``LCMScheduler``; calls with ``num_inference_steps <= 4`` use it (see ``fast=``).
 
     Example:
         >>> pipe = SynthPipeline.from_pretrained("checkpoints/pipeline")
@@ -50,13 +53,16 @@ class SynthPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->image_encoder->controlnet->transformer->vae"
     inference_dtype = "auto"  # the default ``dtype=`` of a call; set per pipeline (``pipe.inference_dtype = "fp32"``)
-    _optional_components = ["image_encoder", "text_encoder", "tokenizer", "controlnet"]
+    _optional_components = ["image_encoder", "text_encoder", "tokenizer", "controlnet", "fast_transformer",
+                            "fast_scheduler"]
+    FAST_MAX_STEPS = 4  # the few-step variant samples in 1-4 steps
 
     def __init__(self, transformer, vae, scheduler, image_encoder=None, text_encoder=None, tokenizer=None,
-                 controlnet=None):
+                 controlnet=None, fast_transformer=None, fast_scheduler=None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
-                              text_encoder=text_encoder, tokenizer=tokenizer, controlnet=controlnet)
+                              text_encoder=text_encoder, tokenizer=tokenizer, controlnet=controlnet,
+                              fast_transformer=fast_transformer, fast_scheduler=fast_scheduler)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -185,6 +191,7 @@ class SynthPipeline(DiffusionPipeline):
         source_images=None,
         image_guidance_scale: float | None = None,
         dtype: str | torch.dtype | None = None,
+        fast: bool | None = None,
     ):
         """Generate ``num_images_per_condition`` images for each condition.
 
@@ -245,6 +252,12 @@ class SynthPipeline(DiffusionPipeline):
                 denoiser (attention included), the mask branch and the VAE decode; weights stay
                 float32. An image regenerates exactly from its seed at the same dtype (BENCHMARKS.md
                 gives the bf16 vs fp32 difference and speed).
+            fast: use the few-step variant (``fast_transformer``, sampled with its LCMScheduler,
+                one denoiser pass per step: its guidance is folded in). None (default): when the
+                pipeline has one, ``num_inference_steps <= 4`` and the call is one it was
+                distilled for (``guidance_scale`` equal to its folded scale, no masks, source
+                images, ``strength``, ``sampler``, ``guide``, guidance intervals); otherwise the
+                base model. True insists (an error when it cannot); False never uses it.
 
         Returns:
             :class:`SynthOutput` with ``images`` and ``seeds``.
@@ -256,8 +269,16 @@ class SynthPipeline(DiffusionPipeline):
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         compute = resolve_dtype(self.inference_dtype if dtype is None else dtype, self._execution_device)
+        why_not = self.fast_unavailable(num_inference_steps, guidance_scale, masks=masks, source_images=source_images,
+                                        strength=strength, sampler=sampler, guide=guide,
+                                        guidance_interval=guidance_interval, image_guidance_scale=image_guidance_scale)
+        if fast and why_not:
+            raise ValueError(f"fast=True: {why_not}")
+        use_fast = fast is not False and why_not is None
         with autocast(compute, self._execution_device):
-            model = self.transformer
+            model = self.fast_transformer if use_fast else self.transformer
+            if use_fast:
+                guidance_scale = 1.0  # folded into the student: one pass per step
             if masks is not None:
                 mask_t, model = self._masks(masks)
                 if all(c is None for c in (embeddings, images, class_labels, prompts, labels, sources)):
@@ -290,7 +311,7 @@ class SynthPipeline(DiffusionPipeline):
                 init = self._latents_of(images, "strength= needs references of")
                 init = init.repeat_interleave(num_images_per_condition, dim=0)
             seeds = _seeds(seeds, total, generator)
-            scheduler = self._scheduler_for(sampler)
+            scheduler = self.fast_scheduler if use_fast else self._scheduler_for(sampler)
             device = self._execution_device
             vae = self._vae()
             outs, latents = [], []
@@ -317,6 +338,29 @@ class SynthPipeline(DiffusionPipeline):
                     result = arr if output_type == "np" else self.numpy_to_pil(arr)
         self.maybe_free_model_hooks()
         return SynthOutput(images=result, seeds=[int(s) for s in seeds]) if return_dict else (result, seeds)
+
+    def fast_unavailable(self, num_inference_steps: int, guidance_scale: float = 2.0, *, masks=None,
+                         source_images=None, strength: float = 1.0, sampler=None, guide=None, guidance_interval=None,
+                         image_guidance_scale=None) -> str | None:
+        """Why the few-step variant cannot serve a call with these arguments (None: it can, and
+        ``fast=None`` uses it)."""
+        steps, interval = num_inference_steps, guidance_interval
+        if self.fast_transformer is None or self.fast_scheduler is None:
+            return "this pipeline has no few-step variant (fast_transformer/, fast_scheduler/; train one with " \
+                   "`synthgen train`, task: consistency)"
+        if steps > self.FAST_MAX_STEPS:
+            return f"the few-step variant samples in 1-{self.FAST_MAX_STEPS} steps, not {steps}"
+        folded = self.fast_transformer.config.get("distilled_guidance_scale")
+        if folded is not None and abs(guidance_scale - folded) > 1e-6:
+            return f"the few-step variant has guidance {folded:g} folded in, not {guidance_scale:g}"
+        given = [name for name, v in (("masks", masks), ("source_images", source_images), ("sampler", sampler),
+                                      ("guide", guide), ("guidance_interval", interval),
+                                      ("image_guidance_scale", image_guidance_scale)) if v is not None]
+        if strength != 1.0:
+            given.append("strength")
+        if given:
+            return f"the few-step variant was distilled for plain guided sampling, without {', '.join(given)}"
+        return None
 
     def _latents_of(self, images, what: str) -> torch.Tensor:
         """VAE latents (mean) of images at the model's size; ``what`` starts the size error."""

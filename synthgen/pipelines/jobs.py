@@ -55,12 +55,14 @@ def _done(out: Path) -> dict[int, dict]:
 
 def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 0, world: int = 1,
              guidance_scale: float = 2.0, num_inference_steps: int = 20, batch_size: int = 16,
-             class_filter=None, encoder=None, progress: bool = True, strength: float = 1.0) -> int:
+             class_filter=None, encoder=None, progress: bool = True, strength: float = 1.0,
+             fast: bool | None = None) -> int:
     """Generate this process's share of ``plan`` into ``out``; returns the number of new images.
 
     Args:
         pipe: a :class:`~synthgen.pipelines.generate.SynthPipeline`.
         strength: below 1, anchored variations (SDEdit) of the plan's reference images.
+        fast: the pipeline's few-step variant (see ``SynthPipeline.__call__``).
         class_filter, encoder: when given, each image is re-encoded and ``accepted`` records
             whether it is nearest to its own class (see :class:`~synthgen.pipelines.rare.ClassFilter`).
     """
@@ -93,7 +95,7 @@ def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 
             masks = [read_label_map(plan.masks[i], size=(pipe.image_size, pipe.image_size)) for i in idx]
             kw["masks"] = np.stack(masks)
         res = pipe(**kw, seeds=[plan.seeds[i] for i in idx], guidance_scale=guidance_scale,
-                   num_inference_steps=num_inference_steps, batch_size=batch_size, output_type="pt")
+                   num_inference_steps=num_inference_steps, batch_size=batch_size, output_type="pt", fast=fast)
         accepted = [None] * len(idx)
         if class_filter is not None and encoder is not None:
             with torch.no_grad():

@@ -214,6 +214,8 @@ def sample_latents(
         others = {k for k in null if k != "source_latents"} if image else set(null)
         passes = [conditions, nulled(others)] + ([nulled(set(null))] if image else [])
         stacked = {k: torch.cat([c[k] for c in passes]) for k in conditions}
+    # stochastic multistep samplers (LCM) draw each sample's fresh noise from its own generator
+    step_kw = {"generator": list(generators)} if _step_draws_noise(scheduler) else {}
     n = len(scheduler.timesteps)
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False), start=start):
         xin = scale_input(scheduler, x, t)
@@ -231,5 +233,10 @@ def sample_latents(
             out = model(xin, tt, **conditions).sample[:, : cfg.in_channels].float()
         if clip_denoised is not None:
             out = clamp_denoised(out, xin, t, scheduler, i, clip_denoised)
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(out, t, x, **step_kw).prev_sample
     return x
+
+
+def _step_draws_noise(scheduler) -> bool:
+    """Whether the scheduler's step adds fresh noise (LCM's multistep consistency sampling)."""
+    return type(scheduler).__name__ == "LCMScheduler"

@@ -673,3 +673,12 @@ class TranslatorTask(Task):
 
 TASKS = {"denoiser": DenoiserTask, "controlnet": ControlNetTask, "vae": VAETask, "ssl": SSLTask, "prior": PriorTask,
          "translator": TranslatorTask, "stain_denoiser": StainDenoiserTask}
+
+
+def task_class(name: str) -> type[Task]:
+    """The task of ``TrainConfig.task`` (the consistency task lives in its own module)."""
+    if name == "consistency":
+        from synthgen.training.distill import ConsistencyTask
+
+        return ConsistencyTask
+    return TASKS[name]

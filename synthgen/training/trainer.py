@@ -158,7 +158,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop_at: int | None, progress: 
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from synthgen.training.tasks import TASKS
+    from synthgen.training.tasks import task_class
 
     out = Path(cfg.output_dir)
     acc = Accelerator(
@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop_at: int | None, progress: 
                             "to continue, or choose another output_dir")
 
     set_seed(cfg.seed)  # model initialisation
-    task = TASKS[cfg.task](cfg)
+    task = task_class(cfg.task)(cfg)
     net = task.net
     if cfg.gradient_checkpointing:
         if not getattr(net, "_supports_gradient_checkpointing", False):

@@ -1,0 +1,59 @@
+"""Add a few-step variant (a consistency-distilled student, ``task: consistency``) to a pipeline
+folder: ``fast_transformer/`` and ``fast_scheduler/`` beside the other components, listed in
+``model_index.json``, so ``SynthPipeline.from_pretrained`` loads it and calls with
+``num_inference_steps <= 4`` use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from synthgen._io import atomic_write_text
+from synthgen.errors import CheckpointError
+
+# what a student must share with its pipeline's denoiser to stand in for it
+_SAME = ("in_channels", "sample_size", "patch_size", "use_embeddings", "caption_channels", "caption_num_tokens",
+         "num_classes", "num_sources", "class_names", "source_names", "text_channels", "source_channels")
+
+
+def add_fast_variant(pipeline: str | os.PathLike, student: str | os.PathLike) -> Path:
+    """Copy ``student`` (a ``task: consistency`` model folder, with its ``scheduler/``) into
+    ``pipeline`` as ``fast_transformer/`` + ``fast_scheduler/`` and list them in its index.
+
+    Raises:
+        CheckpointError: a folder that is not a pipeline or not a distilled student, or a student
+            whose conditions or sizes differ from the pipeline's denoiser.
+    """
+    pipeline, student = Path(pipeline), Path(student)
+    index_path = pipeline / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"{index_path}: missing; {pipeline} is not a pipeline folder")
+    try:
+        cfg = json.loads((student / "config.json").read_text())
+        base = json.loads((pipeline / "transformer" / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the student's or the pipeline's denoiser config ({e})") from e
+    if cfg.get("distilled_guidance_scale") is None or not (student / "scheduler" / "scheduler_config.json").is_file():
+        raise CheckpointError(f"{student}: not a distilled student (no distilled_guidance_scale in config.json, or "
+                              "no scheduler/); train one with `synthgen train`, task: consistency")
+    import inspect
+
+    from synthgen.models.denoiser import Denoiser
+
+    defaults = {k: v.default for k, v in inspect.signature(Denoiser.__init__).parameters.items()}
+    differ = [k for k in _SAME if cfg.get(k, defaults[k]) != base.get(k, defaults[k])]  # older configs: defaults
+    if differ:
+        raise CheckpointError(f"{student}: differs from {pipeline}/transformer in {', '.join(differ)}")
+    for src, name in ((student, "fast_transformer"), (student / "scheduler", "fast_scheduler")):
+        tmp = pipeline / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("scheduler") if name == "fast_transformer" else None)
+        shutil.rmtree(pipeline / name, ignore_errors=True)
+        tmp.rename(pipeline / name)
+    index = json.loads(index_path.read_text())
+    sched_cls = json.loads((student / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    index.update(fast_transformer=["synthgen.models.denoiser", "Denoiser"], fast_scheduler=["diffusers", sched_cls])
+    atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return pipeline

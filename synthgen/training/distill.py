@@ -1,0 +1,148 @@
+"""Few-step generator: latent consistency distillation with guidance folded in.
+
+``task: consistency`` distils a pretrained epsilon / v-prediction denoiser (``model.pretrained``,
+the teacher) into a student of the same architecture that samples in 1-4 steps with diffusers'
+``LCMScheduler``, following Latent Consistency Models (Luo et al. 2023, Algorithm 1; the
+augmented consistency distillation of Song et al. 2023 in latent space):
+
+- a training latent is noised to a timestep ``t`` of the ``N = T / k`` point skipping schedule
+  (``k = objective.distill_skip``; t in {k-1, 2k-1, ..., T-1});
+- the teacher takes one DDIM step from ``t`` to ``s = t - k`` with classifier-free guidance at the
+  fixed scale ``objective.distill_guidance`` (so the student needs one pass per step, not two:
+  the guided trajectory is what it learns, which folds the guidance in);
+- the student's consistency function f(x, t) = c_skip(t) x + c_out(t) x0(x, t) (LCM's boundary
+  scalings, sigma_data 0.5, timestep scaling 10, the ones ``LCMScheduler`` samples with) at
+  ``(x_t, t)`` is pulled towards the same function at ``(x_s, s)`` evaluated by the student with
+  its gradient stopped, with a pseudo-Huber loss (``objective.huber_c``).
+
+The target network is the student itself under a stop-gradient, as in improved consistency
+training (Song & Dhariwal 2023), not an EMA copy: nothing outside the trained weights, so a
+resumed run continues exactly. The student starts from the teacher's weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from synthgen.config import ConfigError
+from synthgen.training.tasks import DenoiserTask, _save_grid
+
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0  # LCMScheduler's default: its boundary condition must match training
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's (c_skip, c_out) at integer timesteps ``t``: c_skip(0) = 1, c_out(0) = 0."""
+    s = TIMESTEP_SCALING * t.float()
+    return SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2), s / (s**2 + SIGMA_DATA**2) ** 0.5
+
+
+def lcm_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", prediction: str = "epsilon",
+                  skip: int = 20):
+    """The ``LCMScheduler`` a student of this task samples with."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                        prediction_type=prediction, original_inference_steps=num_train_timesteps // skip,
+                        timestep_scaling=TIMESTEP_SCALING, clip_sample=False, set_alpha_to_one=True)
+
+
+class ConsistencyTask(DenoiserTask):
+    """Consistency distillation of ``model.pretrained`` (see the module docstring)."""
+
+    def __init__(self, cfg):
+        if not cfg.model.pretrained:
+            raise ConfigError("task consistency: model.pretrained must name the teacher (a pipeline or denoiser folder)")
+        if cfg.objective.kind not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"task consistency: objective.kind must be the teacher's epsilon or v_prediction, "
+                              f"got {cfg.objective.kind}")
+        if cfg.lora.rank:
+            raise ConfigError("task consistency: trains the whole student; remove lora.rank")
+        o = cfg.objective
+        if o.distill_skip < 1 or o.num_train_timesteps % o.distill_skip:
+            raise ConfigError(f"objective.distill_skip: must divide num_train_timesteps ({o.num_train_timesteps}), "
+                              f"got {o.distill_skip}")
+        super().__init__(cfg)
+        teacher = self._pretrained_denoiser().eval().requires_grad_(False)
+        self._frozen["teacher"] = teacher
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler(num_train_timesteps=o.num_train_timesteps, beta_schedule=o.beta_schedule)
+        self.register_buffer("alphas_cumprod", sched.alphas_cumprod.float(), persistent=False)
+
+    def _x0(self, pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Denoised estimate from a model output at alpha-bar ``a`` (B, 1, 1, 1)."""
+        if self.cfg.objective.kind == "epsilon":
+            return (x - (1 - a).sqrt() * pred) / a.sqrt()
+        return a.sqrt() * x - (1 - a).sqrt() * pred  # v-prediction
+
+    def _eps(self, pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if self.cfg.objective.kind == "epsilon":
+            return pred
+        return (1 - a).sqrt() * x + a.sqrt() * pred
+
+    def _consistency(self, net, x: torch.Tensor, t: torch.Tensor, conds: dict) -> torch.Tensor:
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        out = net(x, t, **conds).sample[:, : x.shape[1]].float()
+        c_skip, c_out = (c.view(-1, 1, 1, 1) for c in boundary_scalings(t))
+        return c_skip * x + c_out * self._x0(out, x, a)
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        o = self.cfg.objective
+        device = next(self.net.parameters()).device
+        x0, conds = self.conditions(batch, device)
+        B, k = len(x0), o.distill_skip
+        n = torch.randint(1, o.num_train_timesteps // k + 1, (B,), generator=generator)
+        t = (n * k - 1).to(device)  # k-1, 2k-1, ..., T-1: LCMScheduler's original timesteps
+        s = (t - k).clamp_min(0)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        at, as_ = self.alphas_cumprod[t].view(-1, 1, 1, 1), self.alphas_cumprod[s].view(-1, 1, 1, 1)
+        xt = at.sqrt() * x0 + (1 - at).sqrt() * noise
+        teacher = self._frozen["teacher"].to(device)
+        with torch.no_grad():
+            null = teacher.null_conditions(B, device=device)
+            uncond = {key: null[key].to(v.dtype).expand_as(v) if key in null else v for key, v in conds.items()}
+            both = {key: torch.cat([conds[key], uncond[key]]) for key in conds}
+            out = teacher(torch.cat([xt, xt]), torch.cat([t, t]), **both).sample[:, : x0.shape[1]].float()
+            c, u = out.chunk(2)
+            guided = u + o.distill_guidance * (c - u)
+            x0_hat, eps_hat = self._x0(guided, xt, at), self._eps(guided, xt, at)
+            xs = as_.sqrt() * x0_hat + (1 - as_).sqrt() * eps_hat  # one DDIM step of the guided teacher
+            target = self._consistency(self.net, xs, s, conds)  # the student, gradient stopped
+        pred = self._consistency(self.net, xt, t, conds)
+        c = o.huber_c
+        return (torch.sqrt((pred - target) ** 2 + c**2) - c).mean()
+
+    def save(self, net, path: Path) -> None:
+        """The student, with its folded guidance scale in its config, and its LCMScheduler beside it."""
+        o = self.cfg.objective
+        net.register_to_config(distilled_guidance_scale=float(o.distill_guidance))
+        net.save_pretrained(path)
+        lcm_scheduler(o.num_train_timesteps, o.beta_schedule, o.kind, o.distill_skip).save_pretrained(
+            Path(path) / "scheduler")
+
+    @torch.no_grad()
+    def preview(self, net, path: Path, batch: dict | None = None) -> bool:
+        """Student samples in 1, 2 and 4 LCM steps (rows) for the first items' conditions."""
+        from synthgen.models.vae import to_uint8
+        from synthgen.pipelines.sampling import sample_latents
+
+        if batch is None or self.vae is None:
+            return False
+        device = next(net.parameters()).device
+        _, conds = self.conditions(batch, device)
+        n = min(8, len(batch["latents"]) if "latents" in batch else len(batch["image"]))
+        conds = {key: v[:n] for key, v in conds.items()}
+        o = self.cfg.objective
+        was_training = net.training
+        net.eval()
+        rows = []
+        for steps in (1, 2, 4):
+            sched = lcm_scheduler(o.num_train_timesteps, o.beta_schedule, o.kind, o.distill_skip)
+            gens = [torch.Generator().manual_seed(i) for i in range(n)]
+            rows.append(sample_latents(net, sched, conds, gens, num_steps=steps, guidance_scale=1.0))
+        net.train(was_training)
+        _save_grid(to_uint8(self.vae.to(device).decode(torch.cat(rows))), path, nrow=n)
+        return True

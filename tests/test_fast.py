@@ -1,0 +1,145 @@
+"""The few-step variant: consistency distillation (task consistency), adding the student to a
+pipeline, and how calls pick it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from cli_helpers import run_cli
+from conftest import SMALL
+
+from synthgen.config import ConfigError, load_train_config
+from synthgen.errors import CheckpointError
+from synthgen.pipelines.generate import SynthPipeline
+from synthgen.pipelines.sampling import CLIP_DENOISED, sample_latents
+from synthgen.training.distill import boundary_scalings, lcm_scheduler
+from synthgen.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def student(cmu, tmp_path_factory):
+    """A student distilled for a few steps from the shipped small pipeline, on real tiles."""
+    root = tmp_path_factory.mktemp("fast")
+    run_cli(["tile", str(cmu), "--mpp", "1.0", "--size", "64", "--roi", "0.3,0,0.7,1", "-o", str(root / "t.csv")])
+    run_cli(["cache", str(root / "t.csv"), "-o", str(root / "cache"), "-e", f"latents=vae:{SMALL}",
+             "-e", f"emb=ssl:{SMALL}/image_encoder"])
+    cfg = load_train_config(None, {
+        "task": "consistency", "output_dir": str(root / "run"), "steps": 6, "model": {"pretrained": str(SMALL)},
+        "data": {"cache": str(root / "cache"), "vae": str(SMALL)},
+        "objective": {"kind": "epsilon", "cfg_dropout": 0.0, "distill_guidance": 2.0},
+        "optim": {"lr": 1e-4, "batch_size": 8}, "ema_decay": 0, "checkpoint_every": 3, "log_every": 1})
+    res = train(cfg, progress=False)
+    return root / "run" / "model", res, root
+
+
+@pytest.fixture(scope="module")
+def fast_pipe(student, tmp_path_factory):
+    """A copy of the shipped pipeline (no stains) with the student added as its fast variant."""
+    folder = tmp_path_factory.mktemp("pipe") / "p"
+    shutil.copytree(SMALL, folder, ignore=shutil.ignore_patterns("stains"))
+    run_cli(["add-fast", str(folder), str(student[0])])
+    pipe = SynthPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, folder
+
+
+def test_boundary_scalings_match_lcm_scheduler():
+    t = torch.tensor([0, 19, 499, 999])
+    c_skip, c_out = boundary_scalings(t)
+    assert c_skip[0] == 1 and c_out[0] == 0
+    sched = lcm_scheduler()
+    for i, ti in enumerate(t.tolist()):
+        ref = sched.get_scalings_for_boundary_condition_discrete(ti)
+        assert abs(float(ref[0]) - float(c_skip[i])) < 1e-6 and abs(float(ref[1]) - float(c_out[i])) < 1e-6
+
+
+def test_distillation_trains_and_saves_a_student(student):
+    model, res, root = student
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["distilled_guidance_scale"] == 2.0
+    sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "LCMScheduler" and sched["original_inference_steps"] == 50
+    losses = [json.loads(line)["loss"] for line in (root / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert len(losses) == 6 and all(0 < v < 10 for v in losses)
+    base = SynthPipeline.from_pretrained(SMALL).transformer.state_dict()
+    from synthgen.models.denoiser import Denoiser
+
+    moved = Denoiser.from_pretrained(model).state_dict()
+    assert any(not torch.equal(base[k], moved[k]) for k in base)  # the student trained away from the teacher
+
+
+def test_consistency_config_errors(tmp_path):
+    base = {"task": "consistency", "output_dir": str(tmp_path / "x"), "steps": 1, "data": {"cache": "c"}}
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        train(load_train_config(None, base), progress=False)
+    with pytest.raises(ConfigError, match="epsilon or v_prediction"):
+        train(load_train_config(None, {**base, "model": {"pretrained": str(SMALL)}, "objective": {"kind": "flow"}}),
+              progress=False)
+    with pytest.raises(ConfigError, match="distill_skip"):
+        train(load_train_config(None, {**base, "model": {"pretrained": str(SMALL)},
+                                       "objective": {"distill_skip": 30}}), progress=False)
+
+
+def test_calls_pick_the_fast_variant(fast_pipe, small_pipe):
+    pipe, _ = fast_pipe
+    emb = small_pipe.encode_images(torch.full((3, 3, 64, 64), 180, dtype=torch.uint8))
+    out = pipe(embeddings=emb, seeds=[1, 2, 3], num_inference_steps=2, output_type="latent", dtype="fp32").images
+    # the same as the student sampled by hand with its LCMScheduler, one pass per step (no guidance pass)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    conds = {"embeddings": emb}
+    ref = sample_latents(pipe.fast_transformer, pipe.fast_scheduler, conds, gens, 2, 1.0, clip_denoised=CLIP_DENOISED)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # image i depends only on its own seed, also with LCM's fresh noise between steps
+    one = pipe(embeddings=emb[1:2], seeds=[2], num_inference_steps=2, output_type="latent", dtype="fp32").images
+    torch.testing.assert_close(one[0], out[1], rtol=1e-4, atol=1e-4)
+    # more steps, or fast=False, sample the base model exactly as the pipeline without the variant
+    for kw in ({"num_inference_steps": 8}, {"num_inference_steps": 2, "fast": False}):
+        a = pipe(embeddings=emb, seeds=[1, 2, 3], output_type="latent", dtype="fp32", **kw).images
+        b = small_pipe(embeddings=emb, seeds=[1, 2, 3], output_type="latent", dtype="fp32", **kw).images
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="guidance 2 folded in, not 3"):
+        pipe(embeddings=emb, num_inference_steps=2, guidance_scale=3.0, fast=True)
+    with pytest.raises(ValueError, match="without masks"):
+        pipe(masks=torch.zeros(1, 64, 64, dtype=torch.long), num_inference_steps=2, fast=True)
+    with pytest.raises(ValueError, match="no few-step variant"):
+        small_pipe(embeddings=emb, num_inference_steps=2, fast=True)
+    # a guidance scale other than the folded one falls back to the base model under fast=None
+    a = pipe(embeddings=emb[:1], seeds=[1], num_inference_steps=2, guidance_scale=3.0, output_type="latent").images
+    b = small_pipe(embeddings=emb[:1], seeds=[1], num_inference_steps=2, guidance_scale=3.0,
+                   output_type="latent").images
+    torch.testing.assert_close(a, b)
+
+
+def test_generate_fast_cli_and_augment_default(fast_pipe, tmp_path, capsys):
+    _, folder = fast_pipe
+    run_cli(["generate", str(folder), "-o", str(tmp_path / "g"), "-n", "3", "--mode", "variations", "--fast"])
+    man = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert man["fast_variant"] is True and man["sampler"] == "LCMScheduler" and man["num_inference_steps"] == 4
+    assert len(list((tmp_path / "g" / "images").glob("*.png"))) == 3
+    from synthgen.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", str(folder), "-o", str(tmp_path / "h"), "-n", "2", "--mode", "variations", "--fast",
+              "--guidance", "3"])
+    assert "--fast: the few-step variant has guidance 2 folded in, not 3" in capsys.readouterr().err
+
+    from synthgen.augment import PipelineGenerator
+
+    assert PipelineGenerator(folder).num_inference_steps == SynthPipeline.FAST_MAX_STEPS
+    assert PipelineGenerator(folder, strength=0.5).num_inference_steps == 8  # anchored: the base model
+    assert PipelineGenerator(SMALL).num_inference_steps == 8
+
+
+def test_add_fast_refuses_what_is_not_a_student(fast_pipe, tmp_path):
+    from synthgen.pipelines.fast import add_fast_variant
+
+    _, folder = fast_pipe
+    with pytest.raises(CheckpointError, match="not a distilled student"):
+        add_fast_variant(folder, SMALL / "transformer")
+    with pytest.raises(CheckpointError, match="not a pipeline folder"):
+        add_fast_variant(tmp_path, folder / "fast_transformer")
