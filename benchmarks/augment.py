@@ -1,6 +1,8 @@
 """Cost of on-the-fly synthetic augmentation in a training loop: a small CNN classifier trained
 on real 64 px tiles of the bundled slide, with and without ``SynthAugment`` at 25% synthetic
-(the default small pipeline, variation mode, 8 DPM-Solver++ steps), same loader settings, one
+(the default small pipeline, variation mode, ``PipelineGenerator``'s default sampling: its few-step
+variant at 4 steps where the pipeline ships one, else 8 DPM-Solver++ steps; bf16 autocast where
+the CPU has native bf16), same loader settings, one
 run. Two ways of getting the synthetic items: generated on the fly by the loader workers
 (uncached), and read from a disk cache that ``SynthAugment.pregenerate()`` filled before the
 loop (cached; the pregeneration time is reported, not counted in the loop's rate), and, from an
@@ -93,12 +95,19 @@ def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int
         write_tile_table(tiles, Path(tmp) / "t.csv", {"cmu": {"path": str(SAMPLE_SLIDE)}})
         real = LabelledTiles(Path(tmp) / "t.csv")
         labels = [real[i][1] for i in range(len(real))]
-        gen = PipelineGenerator(str(args.pipeline), mode="variation", num_inference_steps=8)
+        gen = PipelineGenerator(str(args.pipeline), mode="variation")
+        sampling = (f"{gen.num_inference_steps} steps"
+                    + (", few-step variant" if (args.pipeline / "fast_transformer").is_dir()
+                       and gen.num_inference_steps <= 4 else "") + f", {gen.compute_dtype}")
         policy = SynthPolicy({0: 1 / 3, 1: 1 / 3})
         aug = SynthAugment(real, gen, policy, labels=labels)
         share = aug.is_synthetic.mean()
         base = train_rate(real, args.steps, args.batch_size, args.workers)
         with_synth = train_rate(aug, args.steps, args.batch_size, args.workers)
+        # the same on the fly with the earlier default: the base model, 8 steps, fp32
+        old_gen = PipelineGenerator(str(args.pipeline), mode="variation", num_inference_steps=8, dtype="fp32")
+        with_old = train_rate(SynthAugment(real, old_gen, policy, labels=labels), args.steps, args.batch_size,
+                              args.workers)
         # the pooled path: every synthetic item generated before the loop, read from disk by the workers
         cached = SynthAugment(real, gen, policy, labels=labels, cache_dir=Path(tmp) / "synth_cache")
         t = time.perf_counter()
@@ -115,13 +124,14 @@ def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int
             with_background = train_rate(filled, args.steps, args.batch_size, args.workers, order=order)
         by_background = fill.made
     ref = (base + base_again) / 2  # the cached run sits between the two reference runs
-    return {"share": float(share), "workers": args.workers, "batch_size": args.batch_size,
+    return {"share": float(share), "workers": args.workers, "batch_size": args.batch_size, "sampling": sampling,
             "real_samples_per_s": base, "augmented_samples_per_s": with_synth, "ratio": with_synth / base,
+            "base8_fp32_samples_per_s": with_old, "base8_fp32_ratio": with_old / base,
             "real_again_samples_per_s": base_again, "cached_samples_per_s": with_cache,
             "cached_ratio": with_cache / ref, "pregenerated": made, "pregenerate_s": pregen_s,
             "background_samples_per_s": with_background, "background_ratio": with_background / ref,
             "made_by_background": by_background,
-            "summary": [{"measure": f"classifier training samples/s, {share:.0%} synthetic (8 steps)",
+            "summary": [{"measure": f"classifier training samples/s, {share:.0%} synthetic ({sampling})",
                          "reference": "real tiles only", "reference_value": base, "synthgen_value": with_synth,
                          "ratio": with_synth / base, "note": f"overhead {100 * (1 - with_synth / base):.0f}%"},
                         {"measure": f"same, {share:.0%} synthetic read from a pre-generated cache",
@@ -148,8 +158,10 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; {args.workers} loader workers, "
           f"batch {args.batch_size}, small CNN classifier, 64 px tiles")
     print(f"real only:                    {r['real_samples_per_s']:8.1f} samples/s")
-    print(f"with SynthAugment ({r['share']:.0%} synthetic, 8 steps): {r['augmented_samples_per_s']:8.1f} samples/s")
+    print(f"with SynthAugment ({r['share']:.0%} synthetic, {r['sampling']}): {r['augmented_samples_per_s']:8.1f} samples/s")
     print(f"ratio with / without: {r['ratio']:.3f} (overhead {100 * (1 - r['ratio']):.0f}%)")
+    print(f"  same with the base model, 8 steps, fp32: {r['base8_fp32_samples_per_s']:8.1f} samples/s, ratio "
+          f"{r['base8_fp32_ratio']:.3f}")
     print(f"pregenerate(): {r['pregenerated']} synthetic items in {r['pregenerate_s']:.1f} s (not counted below)")
     print(f"with SynthAugment, cached:     {r['cached_samples_per_s']:8.1f} samples/s "
           f"(real only again: {r['real_again_samples_per_s']:.1f})")

@@ -106,7 +106,7 @@ def _run(args, train_tiles) -> dict:
     def run_ours(steps: int, interval=None, dtype="fp32") -> list:
         return pipe(embeddings=emb, seeds=list(range(args.n)), guidance_scale=args.guidance,
                     num_inference_steps=steps, batch_size=args.batch_size, output_type="pil",
-                    guidance_interval=interval, dtype=dtype).images
+                    guidance_interval=interval, dtype=dtype, fast=False).images  # the base model
 
     def run_ours_interval(steps: int) -> list:
         return run_ours(steps, (0.2, 0.8))

@@ -136,3 +136,12 @@ def test_every_shipped_model_family_states_its_licence():
         assert "training data" in text or "trained on data" in text, family
     assert "Commons Clause" in (root / "synthgen-small-cmu" / "LICENSE").read_text()  # stains/ki67: DeepLIIF
     assert "CC BY-NC-SA 4.0" in (root / "synthgen-v2" / "LICENSE").read_text()  # MoNuSeg
+
+
+def test_shipped_fast_variant_makes_tissue_in_two_steps(pipe, real):
+    """The shipped few-step variant serves 1-4 step calls and makes tissue-like images, not noise."""
+    assert pipe.fast_transformer is not None and pipe.fast_unavailable(2) is None
+    assert pipe.fast_transformer.config.distilled_guidance_scale == 2.0
+    out = pipe(images=real, seeds=range(len(real)), num_inference_steps=2, output_type="np").images
+    assert all(_smoothness(im) < 0.6 for im in out), [_smoothness(im) for im in out]
+    assert len({im.tobytes() for im in out}) == len(out)

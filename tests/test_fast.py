@@ -35,11 +35,28 @@ def student(cmu, tmp_path_factory):
     return root / "run" / "model", res, root
 
 
+def _plain_copy(folder):
+    """The shipped pipeline without its stains and its own few-step variant."""
+    shutil.copytree(SMALL, folder, ignore=shutil.ignore_patterns("stains", "fast_*"))
+    index = json.loads((folder / "model_index.json").read_text())
+    for key in ("fast_transformer", "fast_scheduler"):
+        index.pop(key, None)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plain_pipe(tmp_path_factory):
+    pipe = SynthPipeline.from_pretrained(_plain_copy(tmp_path_factory.mktemp("plain") / "p"))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.fast_transformer is None
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def fast_pipe(student, tmp_path_factory):
-    """A copy of the shipped pipeline (no stains) with the student added as its fast variant."""
-    folder = tmp_path_factory.mktemp("pipe") / "p"
-    shutil.copytree(SMALL, folder, ignore=shutil.ignore_patterns("stains"))
+    """The plain pipeline with the test's student added as its fast variant."""
+    folder = _plain_copy(tmp_path_factory.mktemp("pipe") / "p")
     run_cli(["add-fast", str(folder), str(student[0])])
     pipe = SynthPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
@@ -84,8 +101,9 @@ def test_consistency_config_errors(tmp_path):
                                        "objective": {"distill_skip": 30}}), progress=False)
 
 
-def test_calls_pick_the_fast_variant(fast_pipe, small_pipe):
+def test_calls_pick_the_fast_variant(fast_pipe, plain_pipe):
     pipe, _ = fast_pipe
+    small_pipe = plain_pipe
     emb = small_pipe.encode_images(torch.full((3, 3, 64, 64), 180, dtype=torch.uint8))
     out = pipe(embeddings=emb, seeds=[1, 2, 3], num_inference_steps=2, output_type="latent", dtype="fp32").images
     # the same as the student sampled by hand with its LCMScheduler, one pass per step (no guidance pass)
@@ -114,7 +132,7 @@ def test_calls_pick_the_fast_variant(fast_pipe, small_pipe):
     torch.testing.assert_close(a, b)
 
 
-def test_generate_fast_cli_and_augment_default(fast_pipe, tmp_path, capsys):
+def test_generate_fast_cli_and_augment_default(fast_pipe, plain_pipe, tmp_path, capsys):
     _, folder = fast_pipe
     run_cli(["generate", str(folder), "-o", str(tmp_path / "g"), "-n", "3", "--mode", "variations", "--fast"])
     man = json.loads((tmp_path / "g" / "manifest.json").read_text())
@@ -132,7 +150,8 @@ def test_generate_fast_cli_and_augment_default(fast_pipe, tmp_path, capsys):
 
     assert PipelineGenerator(folder).num_inference_steps == SynthPipeline.FAST_MAX_STEPS
     assert PipelineGenerator(folder, strength=0.5).num_inference_steps == 8  # anchored: the base model
-    assert PipelineGenerator(SMALL).num_inference_steps == 8
+    assert PipelineGenerator(plain_pipe).num_inference_steps == 8
+    assert PipelineGenerator(SMALL).num_inference_steps == SynthPipeline.FAST_MAX_STEPS  # the shipped variant
 
 
 def test_add_fast_refuses_what_is_not_a_student(fast_pipe, tmp_path):

@@ -176,14 +176,16 @@ class PipelineGenerator:
                 "controlnet_scale": self.controlnet_conditioning_scale,
                 "classes": sorted((self.class_map or {}).items())} | (
                     {"strength": self.strength} if self.strength != 1 else {}) | (
-                    {"dtype": self._dtype_name()} if self._dtype_name() != "fp32" else {})).encode())  # old keys stay
+                    {"dtype": self.compute_dtype} if self.compute_dtype != "fp32" else {})).encode())  # old keys stay
             for src in (self.source, self.prior_source):
                 if src is not None:
                     h.update(_model_hash(src).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def _dtype_name(self) -> str:
+    @property
+    def compute_dtype(self) -> str:
+        """The precision this generator samples in (``fp32``, ``bf16``, ``fp16``; ``auto`` resolved)."""
         from synthgen.pipelines.precision import dtype_name, resolve_dtype
 
         return dtype_name(resolve_dtype(self.dtype, self.device or "cpu"))

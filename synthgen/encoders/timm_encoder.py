@@ -27,7 +27,7 @@ TIMM_PRESETS: dict[str, dict] = {
 _BY_HUB = {v["hub"]: k for k, v in TIMM_PRESETS.items()}
 
 
-def _resolve_layers(kwargs: dict) -> dict:
+def resolve_layers(kwargs: dict) -> dict:
     import timm.layers
 
     out = dict(kwargs)
@@ -86,7 +86,7 @@ class TimmEncoder(ImageEncoder):
         spec = TIMM_PRESETS.get(preset, {}) if preset else {}
         if preset and not spec:
             raise ValueError(f"unknown timm preset {preset!r}; choose one of: {', '.join(TIMM_PRESETS)}")
-        kwargs = _resolve_layers({**spec.get("kwargs", {"num_classes": 0}), **model_kwargs})
+        kwargs = resolve_layers({**spec.get("kwargs", {"num_classes": 0}), **model_kwargs})
         path = Path(name)
         try:
             if name.startswith("hf-hub:"):

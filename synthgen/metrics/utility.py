@@ -54,9 +54,10 @@ def _xy(batch):
 def train_and_test(train: Dataset, test: Dataset, num_classes: int, seed: int, epochs: int = 10,
                    batch_size: int = 32, augment: bool = False) -> dict:
     """Fit :func:`small_cnn` on ``train`` and return per-class recall/F1 and balanced accuracy on ``test``."""
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = small_cnn(num_classes)
+    with torch.random.fork_rng(devices=[]):  # initial weights from the seed; the caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = small_cnn(num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(epochs):
         model.train()
