@@ -25,6 +25,8 @@ import argparse
 import json
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 
 def parts():
@@ -65,7 +68,6 @@ def run(tiles: int = 16, steps: int = 4, batch_size: int = 2) -> dict:
     from synthgen.data.datasets import PatchDataset
     from synthgen.data.slides import Slide
     from synthgen.data.tiling import TileSpec, tile_slide, write_tile_table
-    from synthgen.training.trainer import train
 
     work = Path(tempfile.mkdtemp(prefix="synthgen-bench-real-"))
     try:
@@ -85,12 +87,14 @@ def run(tiles: int = 16, steps: int = 4, batch_size: int = 2) -> dict:
 
         def ours(precision: str) -> float:
             out = work / f"run-{precision}"
-            cfg = load_train_config(None, {
-                "task": "denoiser", "output_dir": str(out), "steps": steps + 1, "seed": 0,
-                "model": {"preset": "pixcell-256"}, "data": {"cache": str(work / "cache")},
-                "optim": {"batch_size": batch_size, "lr": 1e-4}, "ema_decay": 0, "mixed_precision": precision,
-                "checkpoint_every": 10**6, "log_every": 1, "num_samples": 0})
-            train(cfg, progress=False)
+            cfg = {"task": "denoiser", "output_dir": str(out), "steps": steps + 1, "seed": 0,
+                   "model": {"preset": "pixcell-256"}, "data": {"cache": str(work / "cache")},
+                   "optim": {"batch_size": batch_size, "lr": 1e-4}, "ema_decay": 0, "mixed_precision": precision,
+                   "checkpoint_every": 10**6, "log_every": 1, "num_samples": 0}
+            load_train_config(None, cfg)  # validated here; run in its own process: accelerate's precision
+            (work / f"{precision}.yaml").write_text(yaml.safe_dump(cfg))  # is fixed once per process
+            subprocess.run([sys.executable, "-m", "synthgen", "train", str(work / f"{precision}.yaml")], check=True,
+                           capture_output=True)
             recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             shutil.rmtree(out, ignore_errors=True)
             warm = recs[1:]
