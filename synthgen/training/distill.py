@@ -106,14 +106,14 @@ class ConsistencyTask(DenoiserTask):
             uncond = {key: null[key].to(v.dtype).expand_as(v) if key in null else v for key, v in conds.items()}
             both = {key: torch.cat([conds[key], uncond[key]]) for key in conds}
             out = teacher(torch.cat([xt, xt]), torch.cat([t, t]), **both).sample[:, : x0.shape[1]].float()
-            c, u = out.chunk(2)
-            guided = u + o.distill_guidance * (c - u)
+            cond, uncond_out = out.chunk(2)
+            guided = uncond_out + o.distill_guidance * (cond - uncond_out)
             x0_hat, eps_hat = self._x0(guided, xt, at), self._eps(guided, xt, at)
             xs = as_.sqrt() * x0_hat + (1 - as_).sqrt() * eps_hat  # one DDIM step of the guided teacher
             target = self._consistency(self.net, xs, s, conds)  # the student, gradient stopped
         pred = self._consistency(self.net, xt, t, conds)
-        c = o.huber_c
-        return (torch.sqrt((pred - target) ** 2 + c**2) - c).mean()
+        h = o.huber_c  # pseudo-Huber: quadratic below h, linear above
+        return (torch.sqrt((pred - target) ** 2 + h**2) - h).mean()
 
     def save(self, net, path: Path) -> None:
         """The student, with its folded guidance scale in its config, and its LCMScheduler beside it."""
