@@ -47,7 +47,7 @@ DEFAULT_PIPELINE = REPO / "checkpoints" / "synthgen-small-cmu"
 
 
 def run(pipeline: Path = DEFAULT_PIPELINE, cache: Path | None = None, holdout: Path | None = None, n: int = 64,
-        batch_size: int = 32, guidance: float = 2.0) -> dict:
+        batch_size: int = 32, guidance: float = 2.0, compile: bool = False) -> dict:
     """Measure the five settings; returns images/s and FD of each, the ratios and ``summary`` rows.
 
     Without ``cache`` the condition embeddings are the pipeline's image-encoder embeddings of
@@ -59,7 +59,7 @@ def run(pipeline: Path = DEFAULT_PIPELINE, cache: Path | None = None, holdout: P
             train_tiles, split_holdout = cmu_split(Path(tmp))
             holdout = holdout or split_holdout
         return _run(argparse.Namespace(pipeline=Path(pipeline), cache=cache, holdout=Path(holdout), n=n,
-                                       batch_size=batch_size, guidance=guidance),
+                                       batch_size=batch_size, guidance=guidance, compile=compile),
                     None if cache is not None else train_tiles)
 
 
@@ -152,6 +152,23 @@ def _run(args, train_tiles) -> dict:
         with torch.no_grad():
             return enc(x).reshape(len(x), -1)
 
+    compiled = {}
+    if args.compile:  # torch.compile (inductor) of the denoisers, in place; the eager arms above are the reference
+        eager = {"bf16 8": (run_bf16, 8, bf8, ips_bf8)}
+        pipe.transformer.compile()
+        if pipe.fast_transformer is not None:
+            pipe.fast_transformer.compile()
+            eager["fast 2"] = (run_fast, 2, fast_sets["fast 2"], fast_ips["fast 2"])
+        for name, (fn, k, ref_images, ref_rate) in eager.items():
+            t = time.perf_counter()
+            fn(k)  # compiles
+            first = time.perf_counter() - t
+            images, rate = timed(fn, k)
+            diff = float(np.abs(np.stack([np.asarray(a, float) for a in images])
+                                - np.stack([np.asarray(b, float) for b in ref_images])).mean())
+            compiled[name] = {"images_per_s": rate, "speedup": rate / ref_rate, "compile_and_first_call_s": first,
+                              "mean_abs_pixel_diff": diff}
+
     from synthgen.metrics.handcrafted import encoder_free_report, handcrafted_features
 
     f_real = feats(real)
@@ -187,7 +204,7 @@ def _run(args, train_tiles) -> dict:
             "n": args.n, "batch_size": args.batch_size, "guidance": args.guidance, "holdout_tiles": len(real),
             "images_per_s": ips, "fd": fd, "fd_free": fd_free, "fd_free_floor": floor, "fd_free_bar": bar,
             "fd_free_ratio_to_floor": to_floor,
-            "bf16_vs_fp32_pixels": bf16_vs_fp32,
+            "bf16_vs_fp32_pixels": bf16_vs_fp32, "compiled": compiled,
             "headline": {"setting": best, "ratio": ips[best] / ips_stock if best else 0.0},
             "summary": [{"measure": label, "reference": "stock PixArtSigmaPipeline, 20 steps",
                          "reference_value": ips_stock, "synthgen_value": ips[name], "ratio": ips[name] / ips_stock,
@@ -206,6 +223,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="images per setting")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile of the denoisers (bf16, 8 steps; the few-step variant at 2)")
     args = ap.parse_args()
     r = run(**vars(args))
     ips, fd = r["images_per_s"], r["fd"]
@@ -230,6 +249,10 @@ def main() -> None:
     print(f"held-out real tiles: {r['holdout_tiles']}")
     print("note: the stock pipeline decodes latents / scaling_factor without the VAE's shift_factor; "
           "synthgen applies both (the FD column shows the effect)")
+    for name, c in r["compiled"].items():
+        print(f"torch.compile, {name}: {c['images_per_s']:.2f} images/s, {c['speedup']:.2f}x eager; compile + first "
+              f"call {c['compile_and_first_call_s']:.1f} s; mean |compiled - eager| {c['mean_abs_pixel_diff']:.2f} "
+              "grey levels")
     h = r["headline"]
     print(f"fastest with encoder-free FD <= {r['fd_free_bar']:.1f} (1.1 x the better of stock 20 and synthgen 20 fp32): "
           f"{h['setting']}")
