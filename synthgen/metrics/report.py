@@ -167,13 +167,11 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
         save_png(_overlay_grid(list(mask_pairs)[:8]), out / "mask_overlays.png")
         plots["masks"].append("mask_overlays.png")
 
-    grid, per_class = _sample_grid(real, synth, n_samples, names, seed)
+    grid, by_class = _sample_grid(real, synth, n_samples, names, seed)
     save_png(grid, out / "samples.png")
-    class_grids = {}
-    if per_class:
-        for c, rows in _class_rows(real, synth, n_samples, seed).items():
-            class_grids[c] = _CLASS_GRID.format(c)
-            save_png(_image_grid(rows), out / class_grids[c])
+    class_grids = {c: _CLASS_GRID.format(c) for c in by_class}
+    for c, rows in by_class.items():  # the overview's own class rows, one grid per class
+        save_png(_image_grid(rows), out / class_grids[c])
     files = ["report.md", "report.html", "report.json", "samples.png", *class_grids.values(),
              *(p for s in SECTIONS for p in plots[s])]
     for stale in [*(set(_PLOTS) - set(files)),  # from an earlier report in the same folder
@@ -181,7 +179,7 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
         (out / stale).unlink(missing_ok=True)
     result = {"created": datetime.datetime.now().isoformat(timespec="seconds"),
               "n_real": len(real), "n_synthetic": len(synth), "sources": sources, "class_names": names,
-              "samples_per_class": per_class, "sections": sections, "skipped": why, "encoder_free": free,
+              "samples_per_class": bool(by_class), "sections": sections, "skipped": why, "encoder_free": free,
               "files": files}
     md = _markdown(result, plots, class_grids)
     atomic_write_text(out / "report.json", json.dumps(result, indent=1, default=_json_default))
@@ -318,20 +316,9 @@ def _image_grid(rows):
     return image_grid(rows, tile=int(np.clip(max(width(r[1][0]) for r in rows if r[1]), 48, 128)))
 
 
-def _class_rows(real, synth, n: int, seed: int) -> dict[int, list]:
-    """Per class in both sets (first 8): a row of random real and a row of random synthetic images."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for c in sorted(set(real.labels) & set(synth.labels))[:8]:
-        rows = []
-        for what, ds in (("real", real), ("synthetic", synth)):
-            idx = [i for i, v in enumerate(ds.labels) if v == c]
-            rows.append((what, [ds[idx[i]]["image"] for i in torch.randperm(len(idx), generator=g)[:n].tolist()]))
-        out[c] = rows
-    return out
-
-
 def _sample_grid(real, synth, n: int, names, seed: int):
+    """The sample grid and, when both sets share labels, its rows by class (first 8 classes):
+    ``{class: [("real", images), ("synthetic", images)]}`` (empty without shared labels)."""
     g = torch.Generator().manual_seed(seed)
 
     def pick(idx: list[int], m: int) -> list:
@@ -339,12 +326,12 @@ def _sample_grid(real, synth, n: int, names, seed: int):
         return [idx[i] for i in order]
 
     rl, sl = getattr(real, "labels", None), getattr(synth, "labels", None)
-    rows = []
+    rows, by_class = [], {}
     if rl is not None and sl is not None and set(rl) & set(sl):
         for c in sorted(set(rl) & set(sl))[:8]:
-            name = _class_name(c, names)
-            rows.append((f"{name}: real", [real[i]["image"] for i in pick([i for i, v in enumerate(rl) if v == c], n)]))
-            rows.append((f"{name}: synthetic", [synth[i]["image"] for i in pick([i for i, v in enumerate(sl) if v == c], n)]))
+            by_class[c] = [("real", [real[i]["image"] for i in pick([i for i, v in enumerate(rl) if v == c], n)]),
+                           ("synthetic", [synth[i]["image"] for i in pick([i for i, v in enumerate(sl) if v == c], n)])]
+            rows += [(f"{_class_name(c, names)}: {what}", imgs) for what, imgs in by_class[c]]
     else:
         ri, si = pick(list(range(len(real))), 2 * n), pick(list(range(len(synth))), 2 * n)
         for j in range(0, max(len(ri), len(si)), n):
@@ -352,7 +339,7 @@ def _sample_grid(real, synth, n: int, names, seed: int):
                 rows.append(("real", [real[i]["image"] for i in ri[j : j + n]]))
         for j in range(0, len(si), n):
             rows.append(("synthetic", [synth[i]["image"] for i in si[j : j + n]]))
-    return _image_grid(rows), rl is not None and sl is not None and bool(set(rl) & set(sl))
+    return _image_grid(rows), by_class
 
 
 # -- markdown ------------------------------------------------------------------------------------

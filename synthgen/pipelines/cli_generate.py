@@ -261,11 +261,10 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     if mask_files is not None and pipe.controlnet is None:
         raise SynthgenError(f"--masks: {pipeline} has no mask branch (controlnet/); pass --controlnet DIR "
                             "(train one with `synthgen train`, task: controlnet)")
-    if fast:
-        why = pipe.fast_unavailable(steps, guidance, masks=mask_files, strength=strength, sampler=sampler)
-        if why:
-            raise SynthgenError(f"--fast: {why}")
-    used_fast = pipe.fast_unavailable(steps, guidance, masks=mask_files, strength=strength, sampler=sampler) is None
+    why_not_fast = pipe.fast_unavailable(steps, guidance, masks=mask_files, strength=strength, sampler=sampler)
+    if fast and why_not_fast:
+        raise SynthgenError(f"--fast: {why_not_fast}")
+    used_fast = why_not_fast is None
     plan = build_plan(pipe, n, mode, bank, images_dir, label, prior, seed)
     if mask_files is not None:
         plan.masks = [mask_files[i % len(mask_files)] for i in range(len(plan))]

@@ -344,17 +344,16 @@ class SynthPipeline(DiffusionPipeline):
                          image_guidance_scale=None) -> str | None:
         """Why the few-step variant cannot serve a call with these arguments (None: it can, and
         ``fast=None`` uses it)."""
-        steps, interval = num_inference_steps, guidance_interval
         if self.fast_transformer is None or self.fast_scheduler is None:
             return "this pipeline has no few-step variant (fast_transformer/, fast_scheduler/; train one with " \
                    "`synthgen train`, task: consistency)"
-        if steps > self.FAST_MAX_STEPS:
-            return f"the few-step variant samples in 1-{self.FAST_MAX_STEPS} steps, not {steps}"
+        if num_inference_steps > self.FAST_MAX_STEPS:
+            return f"the few-step variant samples in 1-{self.FAST_MAX_STEPS} steps, not {num_inference_steps}"
         folded = self.fast_transformer.config.get("distilled_guidance_scale")
         if folded is not None and abs(guidance_scale - folded) > 1e-6:
             return f"the few-step variant has guidance {folded:g} folded in, not {guidance_scale:g}"
         given = [name for name, v in (("masks", masks), ("source_images", source_images), ("sampler", sampler),
-                                      ("guide", guide), ("guidance_interval", interval),
+                                      ("guide", guide), ("guidance_interval", guidance_interval),
                                       ("image_guidance_scale", image_guidance_scale)) if v is not None]
         if strength != 1.0:
             given.append("strength")

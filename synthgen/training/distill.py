@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from synthgen.config import ConfigError
-from synthgen.training.tasks import DenoiserTask, _save_grid
+from synthgen.training.tasks import DenoiserTask
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default: its boundary condition must match training
@@ -123,26 +123,16 @@ class ConsistencyTask(DenoiserTask):
         lcm_scheduler(o.num_train_timesteps, o.beta_schedule, o.kind, o.distill_skip).save_pretrained(
             Path(path) / "scheduler")
 
-    @torch.no_grad()
-    def preview(self, net, path: Path, batch: dict | None = None) -> bool:
-        """Student samples in 1, 2 and 4 LCM steps (rows) for the first items' conditions."""
-        from synthgen.models.vae import to_uint8
+    def _preview_latents(self, net, conds: dict, n: int) -> tuple[torch.Tensor, int]:
+        """Student samples in 1, 2 and 4 LCM steps (one grid row each) for the first 8 items."""
         from synthgen.pipelines.sampling import sample_latents
 
-        if batch is None or self.vae is None:
-            return False
-        device = next(net.parameters()).device
-        _, conds = self.conditions(batch, device)
-        n = min(8, len(batch["latents"]) if "latents" in batch else len(batch["image"]))
+        n = min(8, n)
         conds = {key: v[:n] for key, v in conds.items()}
         o = self.cfg.objective
-        was_training = net.training
-        net.eval()
         rows = []
         for steps in (1, 2, 4):
             sched = lcm_scheduler(o.num_train_timesteps, o.beta_schedule, o.kind, o.distill_skip)
             gens = [torch.Generator().manual_seed(i) for i in range(n)]
             rows.append(sample_latents(net, sched, conds, gens, num_steps=steps, guidance_scale=1.0))
-        net.train(was_training)
-        _save_grid(to_uint8(self.vae.to(device).decode(torch.cat(rows))), path, nrow=n)
-        return True
+        return torch.cat(rows), n

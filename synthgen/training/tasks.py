@@ -264,22 +264,29 @@ class DenoiserTask(Task):
     def preview(self, net, path: Path, batch: dict | None = None) -> bool:
         """Samples for the first items' conditions, fixed seeds 0..n-1, decoded when a VAE is set."""
         from synthgen.models.vae import to_uint8
-        from synthgen.pipelines.sampling import make_scheduler, sample_latents
 
         if batch is None or self.vae is None:
             return False
         device = next(net.parameters()).device
         _, conds = self.conditions(batch, device)
         n = len(batch["latents"]) if "latents" in batch else len(batch["image"])
-        sched = make_scheduler(self.cfg.objective.kind, "dpm++" if self.cfg.objective.kind != "flow" else "flow-euler",
-                               self.cfg.objective.num_train_timesteps, self.cfg.objective.beta_schedule)
-        gens = [torch.Generator().manual_seed(i) for i in range(n)]
         was_training = net.training
         net.eval()
-        z = sample_latents(self.model(net), sched, conds, gens, num_steps=20, guidance_scale=2.0 if conds else 1.0)
+        z, nrow = self._preview_latents(net, conds, n)
         net.train(was_training)
-        _save_grid(to_uint8(self.vae.to(device).decode(z)), path)
+        _save_grid(to_uint8(self.vae.to(device).decode(z)), path, nrow=nrow)
         return True
+
+    def _preview_latents(self, net, conds: dict, n: int) -> tuple[torch.Tensor, int]:
+        """The preview's latents (seeds 0..n-1) and images per grid row: 20 guided steps."""
+        from synthgen.pipelines.sampling import make_scheduler, sample_latents
+
+        o = self.cfg.objective
+        sched = make_scheduler(o.kind, "dpm++" if o.kind != "flow" else "flow-euler", o.num_train_timesteps,
+                               o.beta_schedule)
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        return sample_latents(self.model(net), sched, conds, gens, num_steps=20,
+                              guidance_scale=2.0 if conds else 1.0), 8
 
     def save(self, net, path: Path) -> None:
         if self.cfg.lora.rank:
