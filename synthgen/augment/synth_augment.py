@@ -241,18 +241,15 @@ def _fast_steps(pipeline, mode: str, strength: float, guidance_scale: float) -> 
 
     if mode == "mask" or strength != 1:
         return None
-    if isinstance(pipeline, (str, os.PathLike)):
-        cfg_path = Path(pipeline) / "fast_transformer" / "config.json"
-        if not (cfg_path.is_file() and (Path(pipeline) / "fast_scheduler").is_dir()):
-            return None
-        folded = json.loads(cfg_path.read_text()).get("distilled_guidance_scale")
-    else:
-        if getattr(pipeline, "fast_transformer", None) is None:
-            return None
-        folded = pipeline.fast_transformer.config.get("distilled_guidance_scale")
-    if folded is not None and abs(folded - guidance_scale) > 1e-6:
+    steps = SynthPipeline.FAST_MAX_STEPS
+    if not isinstance(pipeline, (str, os.PathLike)):  # loaded: the pipeline decides
+        return None if pipeline.fast_unavailable(steps, guidance_scale, strength=strength) else steps
+    # a folder, not loaded yet (each worker loads its own): the same checks, from its files
+    cfg_path = Path(pipeline) / "fast_transformer" / "config.json"
+    if not (cfg_path.is_file() and (Path(pipeline) / "fast_scheduler").is_dir()):
         return None
-    return SynthPipeline.FAST_MAX_STEPS
+    folded = json.loads(cfg_path.read_text()).get("distilled_guidance_scale")
+    return None if folded is not None and abs(folded - guidance_scale) > 1e-6 else steps
 
 
 def _shipped_prior(pipeline):
