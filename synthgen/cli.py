@@ -199,6 +199,7 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
                    "size": size}
     if mpp is not None:
         fingerprint["mpp"] = [image_mpp, mpp]
+    scale = getattr(dataset, "mpp", None)  # recorded in the cache; `synthgen assemble` passes it on
     if crop is not None:
         from synthgen.data.datasets import CropViews
 
@@ -208,7 +209,7 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
         raise click.UsageError("--crop-stride and --dihedral need --crop")
     build_cache(dataset, out, fns, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
                 dtype=getattr(torch, dtype), fingerprint=fingerprint, classes=getattr(dataset, "classes", None),
-                force=force)
+                force=force, mpp=scale)
     click.echo(f"{len(dataset)} items cached -> {out}")
 
 
@@ -390,8 +391,9 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
               help="Class id, or a class name of --cache (cache selection, class-conditional models).")
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Window overlap in pixels [default: half a window].")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Resolution of the model's tiles: read --reference at it and write it into the TIFF.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolution of the model's tiles: read --reference at it and write it into the TIFF "
+                   "[default: the pipeline's recorded scale, else 1.0].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--guidance", type=float, default=2.0, show_default=True)
@@ -422,7 +424,11 @@ def large(pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_
 @click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default="dpm++", show_default=True)
 @click.option("--controlnet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Trained mask branch (OUTPUT_DIR/model of a `task: controlnet` run) for mask-guided generation.")
-def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet):
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolution (um/px) of the tiles the denoiser was trained on, recorded in the pipeline so that "
+                   "`synthgen large` and `synthgen stain` read slides at it [default: the training cache's, when "
+                   "it was cached from a tile table].")
+def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet, mpp):
     """Put a trained denoiser, its VAE, image encoder and mask branch into one SynthPipeline folder."""
     import json
 
@@ -435,8 +441,11 @@ def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet):
     from synthgen.pipelines.sampling import make_scheduler
 
     run_cfg = Path(denoiser).parent / "config.json"
-    objective = json.loads(run_cfg.read_text()).get("objective", {}) if run_cfg.exists() else {}
+    run = json.loads(run_cfg.read_text()) if run_cfg.exists() else {}
+    objective = run.get("objective", {})
     prediction = prediction or objective.get("kind")
+    if mpp is None:
+        mpp = _cache_mpp(run.get("data", {}).get("cache"))
     if prediction is None:
         raise click.UsageError(f"no training config at {run_cfg}: pass --prediction (PixCell: epsilon)")
     scheduler = make_scheduler(prediction, sampler, objective.get("num_train_timesteps", 1000),
@@ -444,9 +453,20 @@ def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet):
     pipe = SynthPipeline(Denoiser.from_pretrained(denoiser, subfolder=component_subfolder(denoiser, "transformer")),
                          StrictAutoencoderKL.from_pretrained(vae, subfolder=component_subfolder(vae, "vae")), scheduler,
                          image_encoder=SSLEncoder.from_pretrained(encoder) if encoder else None,
-                         controlnet=MaskControlNet.from_pretrained(controlnet) if controlnet else None)
+                         controlnet=MaskControlNet.from_pretrained(controlnet) if controlnet else None, mpp=mpp)
     pipe.save_pretrained(out)
-    click.echo(f"pipeline ({prediction}, {sampler}) -> {out}")
+    scale = f"{mpp:g} um/px" if mpp else "scale not recorded: pass --mpp"
+    click.echo(f"pipeline ({prediction}, {sampler}, {scale}) -> {out}")
+
+
+def _cache_mpp(cache_dir) -> float | None:
+    """The resolution a training cache recorded (None when it has none or is gone)."""
+    import json
+
+    config = Path(cache_dir or "") / "config.json"
+    if not cache_dir or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("mpp")
 
 
 @cli.command("add-fast")

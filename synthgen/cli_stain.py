@@ -25,8 +25,9 @@ DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "checkpoints" / "synthg
 @click.option("--y", type=int, default=0, show_default=True, help="Slide region top edge, level-0 pixels.")
 @click.option("--size", type=click.IntRange(min=8), default=512, show_default=True,
               help="Slide region side in pixels at --mpp.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Resolution of the model's tiles (the slide region is read at it).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolution of the model's tiles (the slide region is read at it) [default: the pipeline's "
+                   "recorded scale, else 1.0].")
 @click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Level-0 resolution of a slide without it in its metadata.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
@@ -87,8 +88,8 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
         return
     if structure:
         raise click.UsageError("--structure works on tiles (a folder); a slide region uses the embedding route")
-    path = _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed,
-                         glass, image_guidance)
+    path = _stain_region(pipe, translator, source, stain, out, x, y, size, pipe.resolve_mpp(mpp), slide_mpp, steps,
+                         guidance, seed, glass, image_guidance)
     click.echo(f"virtual {stain}, {size}x{size} px -> {path} (+ {path.with_suffix('.png').name})")
 
 

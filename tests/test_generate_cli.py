@@ -146,3 +146,22 @@ def test_assemble_reads_the_objective_of_therun_cli(setup, tmp_path):
     pipe2 = SynthPipeline.from_pretrained(tmp_path / "pipe2")
     assert pipe2.controlnet is not None and pipe2.scheduler.config.prediction_type == "epsilon"
     assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in pipe2.transformer.state_dict().items())
+
+
+def test_sampler_option_keeps_the_pipelines_objective_cli(setup, tmp_path):
+    """--sampler switches the solver, never what the model predicts (a flow pipeline stays flow)."""
+    from synthgen.pipelines.sampling import prediction_of, scheduler_for
+
+    flow = tmp_path / "flow"
+    pipe = SynthPipeline.from_pretrained(setup / "pipe")
+    SynthPipeline(pipe.transformer, pipe.vae, make_scheduler("flow"), image_encoder=pipe.image_encoder,
+                  mpp=1.0).save_pretrained(flow)
+    for folder, want in ((flow, "FlowMatchEulerDiscreteScheduler"), (setup / "pipe", "DDIMScheduler")):
+        out = tmp_path / f"out_{folder.name}"
+        run_cli(["generate", str(folder), "-o", str(out), "--cache", str(setup / "cache"), "--sampler", "ddim",
+                 "-n", "2", "--steps", "2"])
+        assert _manifest(out)["sampler"] == want
+    v = scheduler_for(make_scheduler("v_prediction"), "ddim")
+    assert type(v).__name__ == "DDIMScheduler" and prediction_of(v) == "v_prediction"
+    assert prediction_of(scheduler_for(make_scheduler("flow"), "euler")) == "flow"
+    assert scheduler_for(pipe.scheduler) is pipe.scheduler

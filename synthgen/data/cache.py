@@ -52,6 +52,7 @@ def build_cache(
     progress: bool = True,
     sources: list[str] | None = None,
     force: bool = False,
+    mpp: float | None = None,
 ) -> Path:
     """Encode every item of ``dataset`` with every encoder into sharded safetensors files.
 
@@ -73,6 +74,9 @@ def build_cache(
         sources: names of the ``source`` ids 0, 1, ... (:attr:`CacheDataset.sources`); default:
             the dataset's ``sources`` attribute, if any (:class:`LabelledTiles`).
         force: take over the folder's lock (``.synthgen.lock``) even when its owner looks alive.
+        mpp: the items' resolution in um/px (stored as :attr:`CacheDataset.mpp`, read by
+            ``synthgen assemble`` to record a pipeline's scale); default: the dataset's ``mpp``
+            attribute, if any (a tile table's shared resolution).
 
     Returns:
         The cache folder.
@@ -110,9 +114,14 @@ def build_cache(
             sources = getattr(dataset, "sources", None)
         if sources is not None:
             config["sources"] = list(sources)
+        mpp = getattr(dataset, "mpp", None) if mpp is None else mpp
+        if mpp is not None:
+            config["mpp"] = float(mpp)
         config_file = out / "config.json"
         if config_file.exists():
             old = json.loads(config_file.read_text())
+            if "mpp" not in old:  # written before the scale was stored: the rest decides (the digest covers it)
+                config.pop("mpp", None)
             if old != config:
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
                 raise CacheError(
@@ -215,6 +224,7 @@ class CacheDataset(Dataset):
 
     Attributes:
         classes: names of the label ids when the cache was built with them, else None.
+        mpp: the items' resolution in um/px when it was known (a tile table's), else None.
         sources: names of the source ids when the cache was built with them, else None.
 
     Raises:
@@ -235,6 +245,7 @@ class CacheDataset(Dataset):
         config_file = self.root / "config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
         self.classes, self.sources = config.get("classes"), config.get("sources")
+        self.mpp = config.get("mpp")  # the items' resolution in um/px, when it was known
         self._starts = []
         total = 0
         for s in self.index["shards"]:
@@ -337,6 +348,10 @@ class LabelledTiles(Dataset):
 
     def __len__(self) -> int:
         return len(self.tiles)
+
+    @property
+    def mpp(self) -> float | None:
+        return self.tiles.mpp
 
     def __getitem__(self, i: int) -> dict:
         item = self.tiles[i]

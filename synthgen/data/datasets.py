@@ -91,6 +91,12 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.tiles)
 
+    @property
+    def mpp(self) -> float | None:
+        """The tiles' resolution in um/px when they share one (a tile table's scale), else None."""
+        values = {float(t.mpp) for t in self.tiles}
+        return values.pop() if len(values) == 1 else None
+
     def _slide(self, key: str) -> Slide:
         if self._pid != os.getpid():  # forked into a worker: never share OpenSlide handles
             self._handles, self._pid = {}, os.getpid()

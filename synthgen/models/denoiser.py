@@ -16,6 +16,13 @@ how the cross-attention sequence is built from conditions:
   InstructPix2Pix; :meth:`Denoiser.with_source_channels` adds them to a trained model with
   zero-initialised input weights, so the adapted model starts as the base model.
 
+Optionally (``refine_channels`` > 0) a small residual **convolutional refiner** follows the
+transformer's output: U-ViT (Bao et al. 2023) found that one 3x3 convolution after the
+token-to-patch projection improves samples; here it is a short FiLM-conditioned conv stack that
+sees the noisy latents beside the prediction, so detail finer than a patch and the seams between
+patches are drawn by a convolution instead of a per-token linear map. Its last layer starts at
+zero (:meth:`Denoiser.with_refiner` adds it to a trained model without changing its output).
+
 The sequence is ``[embedding tokens, class token, source token, text tokens]`` (each part only
 when the model has it). All tokens share PixArt's caption MLP. Each condition kind has its own
 learned null value stored in the model (``caption_projection.uncond_embedding`` for embeddings,
@@ -34,7 +41,8 @@ from collections.abc import Mapping
 
 import torch
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.embeddings import PixArtAlphaTextProjection
+from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (pipelines look it up here)
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from torch import nn
@@ -86,6 +94,36 @@ class ConditionPosEmbed(nn.Module):
         return (tokens + self.y_pos_embed).to(tokens.dtype)
 
 
+class ConvRefiner(nn.Module):
+    """Residual conv stack on the transformer's output: ``pred + f(x_t, pred, t)``.
+
+    ``f`` is a 3x3 conv over ``[x_t, pred]``, ``depth`` pre-norm residual 3x3 conv blocks scaled and
+    shifted by the timestep (FiLM), and a zero-initialised 3x3 conv out: at initialisation the
+    refiner is the identity on ``pred``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, width: int, depth: int = 2):
+        super().__init__()
+        groups = math.gcd(32, width)
+        self.conv_in = nn.Conv2d(in_channels + out_channels, width, 3, padding=1)
+        self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(width, 2 * width * depth)
+        self.norms = nn.ModuleList([nn.GroupNorm(groups, width) for _ in range(depth)])
+        self.convs = nn.ModuleList([nn.Conv2d(width, width, 3, padding=1) for _ in range(depth)])
+        self.norm_out = nn.GroupNorm(groups, width)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, noisy: torch.Tensor, pred: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(torch.cat([noisy.to(pred.dtype), pred], 1))
+        t = self.time_embedding(self.time_proj(timestep.reshape(-1)).to(h.dtype))
+        for norm, conv, film in zip(self.norms, self.convs, t.chunk(len(self.convs), dim=1), strict=True):
+            scale, shift = film[:, :, None, None].chunk(2, dim=1)
+            h = h + conv(nn.functional.silu(norm(h) * (1 + scale) + shift))
+        return pred + self.conv_out(nn.functional.silu(self.norm_out(h)))
+
+
 class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
     """Latent diffusion transformer conditioned on embedding tokens, class labels and/or text.
 
@@ -107,6 +145,8 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         source_channels: channels of the source latents concatenated to the input (0: none);
             ``in_channels`` stays the channels of the latents the model denoises.
         cond_interpolation_scale: scale of the embedding-token positional embedding (PixCell: 2).
+        refine_channels: width of the convolutional refiner after the output (0: none, as PixArt).
+        refine_depth: residual conv blocks in the refiner.
 
     Use ``save_pretrained`` / ``from_pretrained`` (diffusers layout; a local folder or a hub id,
     ``subfolder="transformer"`` for pipeline repositories). Loading is strict: missing or
@@ -148,6 +188,8 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         source_names: list[str] | None = None,
         source_channels: int = 0,
         distilled_guidance_scale: float | None = None,
+        refine_channels: int = 0,
+        refine_depth: int = 2,
     ):
         # distilled_guidance_scale: set on a few-step student (task consistency): the guidance
         # scale folded into it, so it samples with one pass per step (recorded, not used here)
@@ -193,6 +235,8 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
             self.uncond_text = nn.Parameter(torch.randn(text_num_tokens, text_channels) / text_channels**0.5)
         else:
             self.text_projection = None
+        self.refiner = (ConvRefiner(in_channels, out_channels or in_channels, refine_channels, refine_depth)
+                        if refine_channels else None)
 
     # -- conditions ----------------------------------------------------------------------
     def null_conditions(self, batch_size: int, device=None, dtype=None) -> dict[str, torch.Tensor]:
@@ -328,14 +372,19 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
             hidden_states = torch.cat([hidden_states, source_latents.to(hidden_states.dtype).expand(b, cs, h, w)], 1)
         elif source_latents is not None:
             raise ValueError("source_latents: this Denoiser has no source channels (see Denoiser.with_source_channels)")
+        noisy = hidden_states[:, : self.config.in_channels]
         if timestep.ndim == 0:
             timestep = timestep.expand(hidden_states.shape[0])
         if self.use_additional_conditions and added_cond_kwargs is None:
             added_cond_kwargs = {"resolution": None, "aspect_ratio": None}
-        return super().forward(
+        out = super().forward(
             hidden_states, encoder_hidden_states=tokens, timestep=timestep, added_cond_kwargs=added_cond_kwargs,
             cross_attention_kwargs=cross_attention_kwargs, return_dict=return_dict, **kwargs,
         )
+        if self.refiner is None:
+            return out
+        sample = self.refiner(noisy, out.sample if return_dict else out[0], timestep)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
     @classmethod
     def with_source_channels(cls, base: Denoiser, source_channels: int | None = None) -> Denoiser:
@@ -352,6 +401,20 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         state["pos_embed.proj.weight"] = torch.cat([w, w.new_zeros(w.shape[0], cfg["source_channels"], *w.shape[2:])], 1)
         new.load_state_dict(state)
         return new.to(device=base.device)
+
+    @classmethod
+    def with_refiner(cls, base: Denoiser, refine_channels: int = 64, refine_depth: int = 2) -> Denoiser:
+        """``base`` followed by a new :class:`ConvRefiner` whose last layer is zero: the new model's
+        output equals the base's until the refiner is trained."""
+        cfg = {k: v for k, v in base.config.items() if k != "_use_default_values"}
+        if cfg.get("refine_channels"):
+            raise ValueError(f"the base denoiser has a refiner already (refine_channels={cfg['refine_channels']})")
+        cfg.update(refine_channels=refine_channels, refine_depth=refine_depth)
+        new = cls.from_config(cfg)
+        missing, unexpected = new.load_state_dict(base.state_dict(), strict=False)
+        if unexpected or [k for k in missing if not k.startswith("refiner.")]:
+            raise RuntimeError(f"adding the refiner lost weights: missing {missing}, unexpected {unexpected}")
+        return new.to(device=base.device, dtype=base.dtype)
 
     def resized(self, sample_size: int) -> Denoiser:
         """The same weights at another latent size, for progressive-resolution training.

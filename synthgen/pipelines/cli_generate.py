@@ -208,7 +208,7 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.jobs import merge_manifest, run_plan
     from synthgen.pipelines.precision import dtype_name, resolve_dtype
-    from synthgen.pipelines.sampling import make_scheduler
+    from synthgen.pipelines.sampling import scheduler_for
 
     mask_files = None
     if masks_dir is not None:
@@ -250,10 +250,7 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
     pipe = SynthPipeline.from_pretrained(pipeline).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     pipe.inference_dtype = dtype
-    if sampler:
-        cfg = pipe.scheduler.config
-        pipe.scheduler = make_scheduler(cfg.get("prediction_type", "epsilon"), sampler,
-                                        cfg.get("num_train_timesteps", 1000), cfg.get("beta_schedule", "linear"))
+    pipe.scheduler = scheduler_for(pipe.scheduler, sampler)
     if controlnet is not None:
         from synthgen.models.controlnet import MaskControlNet
 
@@ -292,7 +289,7 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
                                 ).hexdigest()[:16] if (Path(pipeline) / "transformer").exists() else None
     meta = {"model_sha256": model_hash, "mode": plan.kind, "class": label, "guidance_scale": guidance,
             "num_inference_steps": steps, "seed": seed, "fast_variant": used_fast,
-            "sampler": type(pipe.fast_scheduler).__name__ if used_fast else sampler or type(pipe.scheduler).__name__,
+            "sampler": type(pipe.fast_scheduler if used_fast else pipe.scheduler).__name__,
             "strength": strength, "dtype": dtype_name(resolve_dtype(dtype, pipe._execution_device))}
     if names and label is not None:
         meta["class_name"] = names[label]
@@ -323,6 +320,7 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
         raise SynthgenError(f"--class {label!r}: with --reference give a class id (names come from a --cache)")
     pipe = SynthPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
+    mpp = pipe.resolve_mpp(mpp)
     ov_px = pipe.image_size // 2 if overlap is None else overlap
     if reference is not None:
         from synthgen.data.slides import Slide

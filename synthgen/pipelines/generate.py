@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from synthgen.pipelines.precision import autocast, resolve_dtype
-from synthgen.pipelines.sampling import CLIP_DENOISED, SAMPLERS, make_scheduler, sample_latents
+from synthgen.pipelines.sampling import CLIP_DENOISED, SAMPLERS, sample_latents, scheduler_for
 
 
 @dataclass
@@ -44,6 +44,9 @@ class SynthPipeline(DiffusionPipeline):
         fast_transformer, fast_scheduler: optional few-step variant: a consistency-distilled
             student of ``transformer`` with guidance folded in (``task: consistency``) and its
             ``LCMScheduler``; calls with ``num_inference_steps <= 4`` use it (see ``fast=``).
+        mpp: the resolution (micrometres per pixel) of the tiles the model was trained on, recorded
+            in ``model_index.json`` by ``synthgen assemble``; commands that read slides or large
+            images (``synthgen large``, ``synthgen stain``) read them at it by default.
 
     Example:
         >>> pipe = SynthPipeline.from_pretrained("checkpoints/pipeline")
@@ -58,11 +61,24 @@ class SynthPipeline(DiffusionPipeline):
     FAST_MAX_STEPS = 4  # the few-step variant samples in 1-4 steps
 
     def __init__(self, transformer, vae, scheduler, image_encoder=None, text_encoder=None, tokenizer=None,
-                 controlnet=None, fast_transformer=None, fast_scheduler=None):
+                 controlnet=None, fast_transformer=None, fast_scheduler=None, mpp: float | None = None):
         super().__init__()
+        if mpp is not None and not mpp > 0:
+            raise ValueError(f"mpp must be a positive resolution in um/px, got {mpp}")
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
                               text_encoder=text_encoder, tokenizer=tokenizer, controlnet=controlnet,
                               fast_transformer=fast_transformer, fast_scheduler=fast_scheduler)
+        self.register_to_config(mpp=None if mpp is None else float(mpp))
+
+    @property
+    def mpp(self) -> float | None:
+        """Resolution of the training tiles in um/px (None: not recorded, e.g. a pipeline assembled
+        before the scale was kept)."""
+        return self.config.get("mpp")
+
+    def resolve_mpp(self, mpp: float | None, default: float = 1.0) -> float:
+        """The resolution to read slides at: ``mpp`` when given, else the pipeline's, else ``default``."""
+        return float(mpp if mpp is not None else self.mpp if self.mpp is not None else default)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -311,7 +327,7 @@ class SynthPipeline(DiffusionPipeline):
                 init = self._latents_of(images, "strength= needs references of")
                 init = init.repeat_interleave(num_images_per_condition, dim=0)
             seeds = _seeds(seeds, total, generator)
-            scheduler = self.fast_scheduler if use_fast else self._scheduler_for(sampler)
+            scheduler = self.fast_scheduler if use_fast else scheduler_for(self.scheduler, sampler)
             device = self._execution_device
             vae = self._vae()
             outs, latents = [], []
@@ -393,14 +409,6 @@ class SynthPipeline(DiffusionPipeline):
             raise MaskError(f"masks must be {size}x{size} label maps (this model's image size), "
                             f"got shape {tuple(m.shape)}")
         return m.long(), ControlledDenoiser(self.transformer, self.controlnet)
-
-    def _scheduler_for(self, sampler: str | None):
-        if sampler is None:
-            return self.scheduler
-        cfg = self.scheduler.config
-        prediction = "flow" if "FlowMatch" in type(self.scheduler).__name__ else cfg.get("prediction_type", "epsilon")
-        return make_scheduler(prediction, sampler, cfg.get("num_train_timesteps", 1000),
-                              cfg.get("beta_schedule", "linear"))
 
     @staticmethod
     def numpy_to_pil(images: np.ndarray):

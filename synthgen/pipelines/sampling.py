@@ -53,6 +53,25 @@ def make_scheduler(prediction: str, sampler: str = "dpm++", num_train_timesteps:
     raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
 
 
+def prediction_of(scheduler) -> str:
+    """What a model sampled by ``scheduler`` predicts: ``flow`` for a flow-matching scheduler (its
+    config has no ``prediction_type``), else the config's ``prediction_type``."""
+    if "FlowMatch" in type(scheduler).__name__:
+        return "flow"
+    return scheduler.config.get("prediction_type", "epsilon")
+
+
+def scheduler_for(scheduler, sampler: str | None = None):
+    """``scheduler`` (a pipeline's own, matching its training) switched to ``sampler``; the same
+    objective, timesteps and beta schedule. ``None`` keeps it. The one place a pipeline's
+    scheduler is rebuilt (the pipeline call and ``synthgen generate --sampler``)."""
+    if sampler is None:
+        return scheduler
+    cfg = scheduler.config
+    return make_scheduler(prediction_of(scheduler), sampler, cfg.get("num_train_timesteps", 1000),
+                          cfg.get("beta_schedule", "linear"))
+
+
 def _bounds(clip, channels: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``clip`` (a bound c: [-c, c]; or (lo, hi), each a number or one value per channel) as
     (1, C, 1, 1) tensors."""

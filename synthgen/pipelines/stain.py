@@ -119,7 +119,7 @@ def load_stain(pipeline_dir: str | os.PathLike, stain: str, route: str | None = 
         vae = StrictAutoencoderKL.from_pretrained(folder / "vae")
     spatial = bool(transformer.config.get("source_channels", 0))  # the mask branch was trained on the base inputs
     ihc = SynthPipeline(transformer, vae, pipe.scheduler, image_encoder=pipe.image_encoder,
-                        controlnet=None if spatial else pipe.controlnet)
+                        controlnet=None if spatial else pipe.controlnet, mpp=pipe.mpp)
     ihc.set_progress_bar_config(disable=True)
     return ihc, StainTranslator.from_pretrained(folder / "translator")
 

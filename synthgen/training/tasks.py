@@ -108,6 +108,12 @@ class DenoiserTask(Task):
             net = self._pretrained_denoiser()
             if m.sample_size and m.sample_size != net.config.sample_size:
                 net = net.resized(m.sample_size)
+            extra = set(m.overrides) - {"refine_channels", "refine_depth"}
+            if extra:
+                raise ConfigError(f"model.overrides: {sorted(extra)} cannot change a pretrained denoiser "
+                                  "(only refine_channels / refine_depth, which add a refiner)")
+            if m.overrides.get("refine_channels") and not net.config.refine_channels:
+                net = Denoiser.with_refiner(net, **m.overrides)
             self._check_names(net)
         else:
             if self.cfg.lora.rank:
