@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from synthgen import __version__
+from synthgen.config import SAMPLING
 from synthgen.encoders.load import SPEC_HELP
 from synthgen.errors import SynthgenError
 
@@ -311,7 +312,7 @@ def train(config, overrides, resume, stop_at, print_config, force):
 @click.option("--realism-ref", type=click.Path(exists=True, path_type=Path), default=None,
               help="Real tiles (image folder, resized to the model's tile size, or a tile table at the model's mpp) "
                    "for the --filter realism check; its threshold is calibrated on them [default: --images].")
-@click.option("--guidance", type=float, default=2.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=float, default=SAMPLING.guidance, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampling steps [default: 20; 4 with --fast]. With 1-4 steps a pipeline's few-step variant "
                    "(fast_transformer/) is used where it applies, as with --fast.")
@@ -358,7 +359,7 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
     if steps is None:
         from synthgen.pipelines.generate import SynthPipeline
 
-        steps = SynthPipeline.FAST_MAX_STEPS if fast else 20
+        steps = SynthPipeline.FAST_MAX_STEPS if fast else SAMPLING.steps
     with OutputLock(out, "generate", force=force, enabled=int(os.environ.get("RANK", "0")) == 0):
         path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
                             embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
@@ -395,8 +396,8 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
               help="Resolution of the model's tiles: read --reference at it and write it into the TIFF "
                    "[default: the pipeline's recorded scale, else 1.0].")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--guidance", type=float, default=2.0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=SAMPLING.steps, show_default=True)
+@click.option("--guidance", type=float, default=SAMPLING.guidance, show_default=True)
 def large(pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_key, label, overlap, mpp, seed,
           steps, guidance):
     """Generate one image larger than the model's tile (overlapping windows, no seams) as a

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from synthgen.config import SAMPLING
 from synthgen.data.slides import IMAGE_SUFFIXES
 from synthgen.errors import SynthgenError
 
@@ -30,8 +31,8 @@ DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "checkpoints" / "synthg
                    "recorded scale, else 1.0].")
 @click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Level-0 resolution of a slide without it in its metadata.")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--guidance", type=float, default=2.0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=SAMPLING.steps, show_default=True)
+@click.option("--guidance", type=float, default=SAMPLING.guidance, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--route", type=click.Choice(["embedding", "spatial"]), default=None,
               help="embedding: PixCell's route (with --structure, the source's nuclei too); spatial: the "
@@ -58,6 +59,7 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
 
     from synthgen._io import atomic_save_png
     from synthgen.pipelines.stain import is_spatial, load_stain, virtual_stain
+    from synthgen.seeding import item_seeds
 
     try:
         pipe, translator = load_stain(pipeline or DEFAULT_PIPELINE, stain, route=route)
@@ -77,7 +79,7 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
             if len({Image.open(f).size for f in files}) == 1 else None
         if tiles is None:
             raise click.UsageError(f"{source}: images differ in size; virtual staining takes tiles of one size")
-        images = virtual_stain(pipe, translator, tiles, stain, seeds=[seed + i for i in range(len(tiles))],
+        images = virtual_stain(pipe, translator, tiles, stain, seeds=item_seeds(seed, len(tiles)),
                                num_inference_steps=steps, guidance_scale=guidance, structure=structure,
                                image_guidance_scale=image_guidance, glass=glass)
         for f, im in zip(files, images, strict=True):
@@ -95,7 +97,6 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
 
 def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed, glass,
                   image_guidance=None):
-    import torch
     from PIL import Image
 
     from synthgen.data.slides import Slide
@@ -105,6 +106,7 @@ def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_m
         write_pyramidal_tiff,
     )
     from synthgen.pipelines.stain import is_spatial, keep_glass, virtual_stain_region
+    from synthgen.seeding import TRANSLATE, generators, item_seeds
 
     win = pipe.image_size
     with Slide(source, mpp=slide_mpp) as s:
@@ -114,7 +116,8 @@ def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_m
                                      guidance_scale=guidance, image_guidance_scale=image_guidance, glass=glass)
     else:
         grid = region_embeddings(pipe, region, win // 2)
-        emb = translator.translate(grid.flatten(0, 1), stain, generator=torch.Generator().manual_seed(seed))
+        flat = grid.flatten(0, 1)  # one draw per window, from the window's item seed
+        emb = translator.translate(flat, stain, generator=generators(item_seeds(seed, len(flat)), TRANSLATE))
         grid = emb.reshape(*grid.shape[:2], *emb.shape[1:])
         image = generate_large(pipe, grid, size, overlap=win // 2, seed=seed, guidance_scale=guidance,
                                num_inference_steps=steps)

@@ -137,6 +137,20 @@ def _positive(path: str, value, what="positive") -> None:
 
 # -- training ---------------------------------------------------------------------------
 @dataclass(frozen=True)
+class SamplingConfig:
+    """The sampling defaults: the one place they are written (``SAMPLING``). The pipeline call,
+    the CLI options, the recipe steps, large images, virtual staining and the training preview
+    take their defaults from it."""
+
+    steps: int = 20  # multi-step solver steps (DPM-Solver++ 2M by default)
+    guidance: float = 2.0  # classifier-free guidance scale
+    fast_steps: int = 4  # the few-step variant's default (and most) steps
+
+
+SAMPLING = SamplingConfig()
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which model to train: a preset plus overrides, optionally starting from a folder."""
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 from synthgen import __version__
 from synthgen._io import atomic_write_text
-from synthgen.config import ConfigError, load_yaml, merge, to_dict
+from synthgen.config import SAMPLING, ConfigError, load_yaml, merge, to_dict
 
 STEPS = ("tile", "cache", "train", "generate", "rare", "paired", "stain", "export", "evaluate")
 
@@ -57,8 +57,8 @@ class GenerateStep:
     label: int | str | None = None  # a class id, or a class name of the prior/bank
     prior: str | None = None
     filter: bool = False
-    guidance: float = 2.0
-    steps: int = 20
+    guidance: float = SAMPLING.guidance
+    steps: int = SAMPLING.steps
     seed: int = 0
     batch_size: int = 16
 
@@ -74,8 +74,8 @@ class PairedStep:
     density: float = 0.2  # procedural masks: covered fraction
     diameter_um: float = 7.0  # nucleus size for pseudo-labels, procedural and added nuclei
     controlnet: str | None = None  # a mask branch replacing the pipeline's own
-    guidance: float = 2.0
-    steps: int = 20
+    guidance: float = SAMPLING.guidance
+    steps: int = SAMPLING.steps
     seed: int = 0
     batch_size: int = 16
 
@@ -92,8 +92,8 @@ class StainStep:
     structure: bool = False  # embedding route: keep the source's nuclei in place (mask branch)
     route: Literal["spatial", "embedding"] | None = None  # default: embedding where the stain has it
     image_guidance: float | None = None  # spatial route: guidance on the source image (None: none)
-    guidance: float = 2.0
-    steps: int = 20
+    guidance: float = SAMPLING.guidance
+    steps: int = SAMPLING.steps
     seed: int = 0
 
 
@@ -386,6 +386,7 @@ class _Steps:
         from PIL import Image
 
         from synthgen.pipelines.stain import is_spatial, load_stain, virtual_stain
+        from synthgen.seeding import item_seeds
 
         s = self.r.stain
         if s.structure and s.route == "spatial":
@@ -405,7 +406,7 @@ class _Steps:
             idx = np.random.default_rng(s.seed).permutation(len(ds))[: s.n]
             names = [f"{int(i):06d}.png" for i in idx]
             tiles = np.stack([ds[int(i)]["image"].permute(1, 2, 0).numpy() for i in idx])
-        images = virtual_stain(pipe, translator, tiles, s.to, seeds=[s.seed + i for i in range(len(tiles))],
+        images = virtual_stain(pipe, translator, tiles, s.to, seeds=item_seeds(s.seed, len(tiles)),
                                num_inference_steps=s.steps, guidance_scale=s.guidance, structure=s.structure,
                                image_guidance_scale=s.image_guidance)
         out = self.out / "stain"

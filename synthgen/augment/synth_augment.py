@@ -35,7 +35,9 @@ import torch
 from torch.utils.data import Dataset
 
 from synthgen.augment.images import as_uint8, like
+from synthgen.config import SAMPLING
 from synthgen.errors import SynthgenError
+from synthgen.seeding import PRIOR, derived, generator, item_seeds
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class PipelineGenerator:
             map to it.
     """
 
-    def __init__(self, pipeline, mode: str = "variation", guidance_scale: float = 2.0,
+    def __init__(self, pipeline, mode: str = "variation", guidance_scale: float = SAMPLING.guidance,
                  num_inference_steps: int | None = None,
                  classes: Sequence[str] | Mapping[int, int | str] | None = None, prior=None,
                  controlnet_conditioning_scale: float = 1.0, device: str | torch.device | None = None,
@@ -230,7 +232,7 @@ class PipelineGenerator:
         self.check_labels(labels)
         out = []
         for c, s in zip(labels, seeds, strict=True):
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence([int(s), 1]).generate_state(1)[0]))
+            g = generator(derived(s, PRIOR))
             out.append(self._prior.sample([self.class_map[c]], generator=g).cpu())
         return torch.cat(out)
 
@@ -363,13 +365,14 @@ class SynthAugment(Dataset):
         self.policy = policy or SynthPolicy.balance(self.labels)
         counts = Counter(self.labels)
         extra = self.policy.extra(counts)
-        g = torch.Generator().manual_seed(seed)
+        g = generator(seed)
         members = {c: [i for i, v in enumerate(self.labels) if v == c] for c in extra}
         self.synthetic: list[tuple[int, int, int]] = []  # (label, real index varied, noise seed)
         for c in sorted(extra):
             picks = torch.randint(0, len(members[c]), (extra[c],), generator=g).tolist()
             self.synthetic += [(c, members[c][p], 0) for p in picks]
-        self.synthetic = [(c, ref, seed * 10_000_019 + k) for k, (c, ref, _) in enumerate(self.synthetic)]
+        self.synthetic = [(c, ref, s) for (c, ref, _), s in zip(self.synthetic, item_seeds(seed, len(self.synthetic)),
+                                                                 strict=True)]
         check = getattr(generator, "check_labels", None)
         if check is not None:
             check(sorted({c for c, _, _ in self.synthetic}))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synthgen.config import SAMPLING
 from synthgen.errors import SynthgenError
 
 
@@ -54,7 +55,7 @@ class SynthTransform:
             generator, an unsupported image type.
     """
 
-    def __init__(self, generator, p: float = 0.5, strength: float | None = None, guidance_scale: float = 2.0,
+    def __init__(self, generator, p: float = 0.5, strength: float | None = None, guidance_scale: float = SAMPLING.guidance,
                  num_inference_steps: int | None = None, seed: int = 0):
         if not 0 <= p <= 1:
             raise SynthgenError(f"SynthTransform: p must be in [0, 1], got {p}")

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from synthgen.config import SAMPLING
+
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:
     """Foreground Dice of two label maps (1.0 when both are empty)."""
@@ -89,7 +91,7 @@ def mask_adherence(
 
 
 def adherence_study(pipe, masks: np.ndarray, embeddings=None, seeds: Sequence[int] | None = None,
-                    num_inference_steps: int = 20, guidance_scale: float = 2.0, batch_size: int = 32,
+                    num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance, batch_size: int = 32,
                     segmenter: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Mask adherence of a mask-guided pipeline beside its baseline (the same denoiser, embeddings
     and seeds without the mask branch).

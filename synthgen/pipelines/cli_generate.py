@@ -60,9 +60,10 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
     """The generation plan. ``bank``: (embeddings, labels) or None; ``prior``: an EmbeddingPrior or None."""
     from synthgen.pipelines.jobs import GenerationPlan
     from synthgen.pipelines.rare import interpolate_embeddings
+    from synthgen.seeding import PRIOR, generator, generators, item_seeds
 
-    g = torch.Generator().manual_seed(seed)
-    seeds = [seed * 1_000_000 + i for i in range(n)]
+    g = generator(seed)  # the plan's condition draws (bank picks, pairs); a prefix of n draws is that of fewer
+    seeds = item_seeds(seed, n)
     mode = mode or ("variations" if (bank is not None or images_dir) else "class")
     labels = [label] * n
     if mode == "mask":  # the condition masks alone (null embedding); run_generate attaches them
@@ -77,7 +78,8 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
     if mode == "prior":
         if prior is None or label is None:
             raise SynthgenError("--mode prior needs --prior PRIOR_DIR (or a pipeline with prior/) and --class")
-        return GenerationPlan(prior.sample(torch.full((n,), label), generator=g).cpu(), labels, seeds, "prior")
+        embs = prior.sample(torch.full((n,), label), generator=generators(seeds, PRIOR)).cpu()  # item i: its seed only
+        return GenerationPlan(embs, labels, seeds, "prior")
     if images_dir is not None:
         from synthgen.data.datasets import ImageListDataset
 
@@ -315,6 +317,7 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
         region_embeddings,
         write_pyramidal_tiff,
     )
+    from synthgen.seeding import generator
 
     if reference is not None and label is not None and not str(label).lstrip("-").isdigit():
         raise SynthgenError(f"--class {label!r}: with --reference give a class id (names come from a --cache)")
@@ -338,7 +341,7 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
             embs = embs[bank_labels == label]
             if len(embs) == 0:
                 raise SynthgenError(f"--class {label}: the cache has no embedding of this class")
-        grid = embs[int(torch.randint(0, len(embs), (1,), generator=torch.Generator().manual_seed(seed)))]
+        grid = embs[int(torch.randint(0, len(embs), (1,), generator=generator(seed)))]
     else:
         raise SynthgenError("synthgen large needs --reference (a slide or image region to re-synthesise) or --cache")
     image = generate_large(pipe, grid, size, overlap=ov_px, seed=seed, guidance_scale=guidance,

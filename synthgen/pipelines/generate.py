@@ -16,8 +16,10 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from synthgen.config import SAMPLING
 from synthgen.pipelines.precision import autocast, resolve_dtype
 from synthgen.pipelines.sampling import CLIP_DENOISED, SAMPLERS, sample_latents, scheduler_for
+from synthgen.seeding import generators
 
 
 @dataclass
@@ -58,7 +60,7 @@ class SynthPipeline(DiffusionPipeline):
     inference_dtype = "auto"  # the default ``dtype=`` of a call; set per pipeline (``pipe.inference_dtype = "fp32"``)
     _optional_components = ["image_encoder", "text_encoder", "tokenizer", "controlnet", "fast_transformer",
                             "fast_scheduler"]
-    FAST_MAX_STEPS = 4  # the few-step variant samples in 1-4 steps
+    FAST_MAX_STEPS = SAMPLING.fast_steps  # the few-step variant samples in 1-4 steps
 
     def __init__(self, transformer, vae, scheduler, image_encoder=None, text_encoder=None, tokenizer=None,
                  controlnet=None, fast_transformer=None, fast_scheduler=None, mpp: float | None = None):
@@ -187,8 +189,8 @@ class SynthPipeline(DiffusionPipeline):
         class_labels=None,
         prompts: str | Sequence[str] | None = None,
         num_images_per_condition: int = 1,
-        guidance_scale: float = 2.0,
-        num_inference_steps: int = 20,
+        guidance_scale: float = SAMPLING.guidance,
+        num_inference_steps: int = SAMPLING.steps,
         guidance_interval: tuple[float, float] | None = None,
         seeds: Sequence[int] | int | None = None,
         generator: torch.Generator | None = None,
@@ -333,7 +335,7 @@ class SynthPipeline(DiffusionPipeline):
             outs, latents = [], []
             for lo in self.progress_bar(range(0, total, batch_size)):
                 hi = min(total, lo + batch_size)
-                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:hi]]
+                gens = generators(seeds[lo:hi])
                 part = {k: v[lo:hi].to(device) for k, v in conds.items()}
                 z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
                                    guidance_interval=guidance_interval, guide=guided, clip_denoised=clip_denoised,
@@ -355,7 +357,7 @@ class SynthPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return SynthOutput(images=result, seeds=[int(s) for s in seeds]) if return_dict else (result, seeds)
 
-    def fast_unavailable(self, num_inference_steps: int, guidance_scale: float = 2.0, *, masks=None,
+    def fast_unavailable(self, num_inference_steps: int, guidance_scale: float = SAMPLING.guidance, *, masks=None,
                          source_images=None, strength: float = 1.0, sampler=None, guide=None, guidance_interval=None,
                          image_guidance_scale=None) -> str | None:
         """Why the few-step variant cannot serve a call with these arguments (None: it can, and

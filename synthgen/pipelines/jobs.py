@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from synthgen._io import atomic_path, atomic_write_text, sha256_file
+from synthgen.config import SAMPLING
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _done(out: Path) -> dict[int, dict]:
 
 
 def run_plan(pipe, plan: GenerationPlan, out: str | os.PathLike, *, rank: int = 0, world: int = 1,
-             guidance_scale: float = 2.0, num_inference_steps: int = 20, batch_size: int = 16,
+             guidance_scale: float = SAMPLING.guidance, num_inference_steps: int = SAMPLING.steps, batch_size: int = 16,
              class_filter=None, encoder=None, progress: bool = True, strength: float = 1.0,
              fast: bool | None = None) -> int:
     """Generate this process's share of ``plan`` into ``out``; returns the number of new images.

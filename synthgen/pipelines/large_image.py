@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthgen.config import SAMPLING
+from synthgen.seeding import generator
+
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets covering [0, size) with windows of ``window`` at most ``stride`` apart."""
@@ -46,7 +49,7 @@ def _weights(window: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | None = None, seed: int = 0,
-                   guidance_scale: float = 2.0, num_inference_steps: int = 20, class_label: int | None = None,
+                   guidance_scale: float = SAMPLING.guidance, num_inference_steps: int = SAMPLING.steps, class_label: int | None = None,
                    progress: bool = True) -> np.ndarray:
     """A ``size`` x ``size`` image from a grid of condition embeddings.
 
@@ -85,7 +88,7 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
         raise ValueError(f"embeddings grid is {tuple(emb.shape[:2])} but the canvas needs {len(ys)}x{len(xs)} windows "
                          f"of {win * down} px with {ov * down} px overlap")
     p = next(model.parameters())
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     x = torch.randn(1, cfg.in_channels, lat, lat, generator=g).to(p.device, p.dtype)
     sched.set_timesteps(num_inference_steps, device=p.device)
     x = x * init_sigma(sched)

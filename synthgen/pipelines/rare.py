@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from synthgen.config import SAMPLING
+from synthgen.seeding import PRIOR, generator, generators, item_seeds
+
 MODES = ("variations", "prior", "interpolation")
 
 
@@ -119,26 +122,26 @@ class RareClassSynthesizer:
             return interpolate_embeddings(own, n, generator)
         return own[torch.randint(0, len(own), (n,), generator=generator)]
 
-    def generate(self, label: int, n: int, mode: str = "variations", seed: int = 0, guidance_scale: float = 2.0,
-                 num_inference_steps: int = 20, filter: bool = True, batch_size: int = 32,
+    def generate(self, label: int, n: int, mode: str = "variations", seed: int = 0, guidance_scale: float = SAMPLING.guidance,
+                 num_inference_steps: int = SAMPLING.steps, filter: bool = True, batch_size: int = 32,
                  reference_images: Sequence | None = None) -> RareClassResult:
         """Make ``n`` images of class ``label``.
 
         Args:
             mode: ``variations``, ``prior`` or ``interpolation``.
-            seed: derives the condition draws and the image seeds (seed*1_000_000 + i).
+            seed: derives the condition draws and the image seeds (:func:`synthgen.seeding.item_seeds`).
             filter: re-encode the images and flag those not nearest to their class, and (with a
                 ``realism_filter``) those far from every real reference tile.
             reference_images: for ``variations`` from images instead of the bank: their
                 embeddings (through the pipeline's encoder) are the conditions.
         """
-        g = torch.Generator().manual_seed(seed)
+        g = generator(seed)
+        seeds = item_seeds(seed, n)
         if reference_images is not None:
             refs = self.pipe.encode_images(reference_images).cpu()
             conds = refs[torch.randint(0, len(refs), (n,), generator=g)]
-        else:
-            conds = self.conditions(label, n, mode, g)
-        seeds = [seed * 1_000_000 + i for i in range(n)]
+        else:  # a prior draws each item's embedding from that item's seed (independent of n)
+            conds = self.conditions(label, n, mode, generators(seeds, PRIOR) if mode == "prior" else g)
         out = self.pipe(embeddings=conds, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                         seeds=seeds, batch_size=batch_size, output_type="pt")
         accepted = torch.ones(n, dtype=torch.bool)

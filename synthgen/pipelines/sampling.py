@@ -17,6 +17,8 @@ from collections.abc import Collection, Sequence
 
 import torch
 
+from synthgen.config import SAMPLING
+
 SAMPLERS = ("dpm++", "ddim", "euler", "flow-euler")
 
 # Default bound on the denoised estimate, in the VAE's normalised latent units (VAE.calibrate
@@ -150,7 +152,7 @@ def sample_latents(
     scheduler,
     conditions: dict[str, torch.Tensor],
     generators: Sequence[torch.Generator],
-    num_steps: int = 20,
+    num_steps: int = SAMPLING.steps,
     guidance_scale: float = 1.0,
     latent_size: int | None = None,
     guidance_interval: tuple[float, float] | None = None,

@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthgen.config import SAMPLING
 from synthgen.errors import StainError
+from synthgen.seeding import TRANSLATE, generators, item_seeds
 
 
 def available_stains(pipeline_dir: str | os.PathLike) -> list[str]:
@@ -251,8 +253,8 @@ def is_spatial(pipe) -> bool:
     return bool(pipe.transformer.config.get("source_channels", 0))
 
 
-def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inference_steps: int = 20,
-                  guidance_scale: float = 2.0, structure: bool = False, batch_size: int = 32,
+def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inference_steps: int = SAMPLING.steps,
+                  guidance_scale: float = SAMPLING.guidance, structure: bool = False, batch_size: int = 32,
                   image_guidance_scale: float | None = None, glass: bool = True) -> np.ndarray:
     """Virtual ``stain`` tiles (uint8 (B, H, W, 3)) for source tiles ``images`` (uint8 (B, 3, H, W)
     or (B, H, W, 3), at the model's tile size).
@@ -274,10 +276,9 @@ def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inferenc
     if tuple(x.shape[-2:]) != (size, size):
         raise StainError(f"source tiles must be {size}x{size} px (the model's tile size at its resolution), "
                          f"got {tuple(x.shape[-2:])}")
-    seeds = list(range(len(x))) if seeds is None else [int(s) for s in seeds]
+    seeds = item_seeds(0, len(x)) if seeds is None else [int(s) for s in seeds]
     src = pipe.encode_images(x)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]  # per tile: a tile depends on its seed alone
-    emb = translator.translate(src.cpu(), stain, generator=gens)
+    emb = translator.translate(src.cpu(), stain, generator=generators(seeds, TRANSLATE))  # a tile: its seed alone
     kw = {}
     if is_spatial(pipe):
         if structure:
@@ -297,12 +298,12 @@ def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inferenc
 
 
 def virtual_stain_region(pipe, translator, region: np.ndarray, stain: str, seed: int = 0, overlap: int | None = None,
-                         num_inference_steps: int = 20, guidance_scale: float = 2.0,
+                         num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance,
                          image_guidance_scale: float | None = None, batch_size: int = 32,
                          progress: bool = True, glass: bool = True) -> np.ndarray:
     """Virtual ``stain`` of a large source image (uint8 (H, W, 3)) with a spatial translator:
     overlapping model-size windows (``overlap`` px, default half a window), each translated from
-    its own source pixels with seed ``seed + window index``, blended with linear ramps over the
+    its own source pixels with item seed ``window index`` of ``seed`` (:func:`synthgen.seeding.item_seeds`), blended with linear ramps over the
     overlaps (every window keeps its source's layout, so only colour needs blending); ``glass``
     as in :func:`virtual_stain`, decided once over the whole region.
 
@@ -332,7 +333,7 @@ def virtual_stain_region(pipe, translator, region: np.ndarray, stain: str, seed:
     for lo in tqdm(range(0, len(corners), batch_size), desc=f"virtual {stain}", disable=not progress, leave=False):
         part = corners[lo : lo + batch_size]
         tiles = np.stack([region[y : y + win, x : x + win] for y, x in part])
-        out = virtual_stain(pipe, translator, tiles, stain, seeds=[seed + lo + i for i in range(len(part))],
+        out = virtual_stain(pipe, translator, tiles, stain, seeds=item_seeds(seed, len(part), start=lo),
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                             image_guidance_scale=image_guidance_scale, batch_size=batch_size, glass=False)
         for (y, x), im in zip(part, out, strict=True):

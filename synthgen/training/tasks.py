@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from synthgen._io import atomic_write_text
-from synthgen.config import ConfigError, TrainConfig
+from synthgen.config import SAMPLING, ConfigError, TrainConfig
 from synthgen.errors import SynthgenError
+from synthgen.seeding import generators
 
 log = logging.getLogger("synthgen.training")
 
@@ -290,9 +291,9 @@ class DenoiserTask(Task):
         o = self.cfg.objective
         sched = make_scheduler(o.kind, "dpm++" if o.kind != "flow" else "flow-euler", o.num_train_timesteps,
                                o.beta_schedule)
-        gens = [torch.Generator().manual_seed(i) for i in range(n)]
-        return sample_latents(self.model(net), sched, conds, gens, num_steps=20,
-                              guidance_scale=2.0 if conds else 1.0), 8
+        gens = generators(range(n))
+        return sample_latents(self.model(net), sched, conds, gens, num_steps=SAMPLING.steps,
+                              guidance_scale=SAMPLING.guidance if conds else 1.0), 8
 
     def save(self, net, path: Path) -> None:
         if self.cfg.lora.rank:

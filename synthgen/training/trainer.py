@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from synthgen._io import OutputLock
 from synthgen.config import ConfigError, TrainConfig, to_dict
 from synthgen.errors import SynthgenError
+from synthgen.seeding import epoch_generator, step_generator
 
 log = logging.getLogger("synthgen.training")
 
@@ -44,7 +45,7 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.skip = epoch, skip
 
     def _indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = epoch_generator(self.seed, self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
         per_rank = self.n // self.world
         return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
@@ -77,11 +78,6 @@ class TrainResult:
     final_loss: float | None
     model: torch.nn.Module  # the trained network (raw weights, not EMA), on this process
     num_processes: int = 1
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The random source of one optimisation step on one rank."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
