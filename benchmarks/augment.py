@@ -95,7 +95,7 @@ def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int
         write_tile_table(tiles, Path(tmp) / "t.csv", {"cmu": {"path": str(SAMPLE_SLIDE)}})
         real = LabelledTiles(Path(tmp) / "t.csv")
         labels = [real[i][1] for i in range(len(real))]
-        gen = PipelineGenerator(str(args.pipeline), mode="variation")
+        gen = PipelineGenerator(str(args.pipeline), mode="variations")
         sampling = (f"{gen.num_inference_steps} steps"
                     + (", few-step variant" if (args.pipeline / "fast_transformer").is_dir()
                        and gen.num_inference_steps <= 4 else "") + f", {gen.compute_dtype}")
@@ -105,7 +105,7 @@ def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int
         base = train_rate(real, args.steps, args.batch_size, args.workers)
         with_synth = train_rate(aug, args.steps, args.batch_size, args.workers)
         # the same on the fly with the earlier default: the base model, 8 steps, fp32
-        old_gen = PipelineGenerator(str(args.pipeline), mode="variation", num_inference_steps=8, dtype="fp32")
+        old_gen = PipelineGenerator(str(args.pipeline), mode="variations", num_inference_steps=8, dtype="fp32")
         with_old = train_rate(SynthAugment(real, old_gen, policy, labels=labels), args.steps, args.batch_size,
                               args.workers)
         # the pooled path: every synthetic item generated before the loop, read from disk by the workers

@@ -491,9 +491,9 @@ def eval_group():
 def _study_options(f):
     """Options of the utility study, shared by `eval utility` and `eval report`."""
     for opt in reversed([
-        click.option("--mode", type=click.Choice(["variation", "class", "prior"]), default="variation",
+        click.option("--mode", type=click.Choice(["variations", "variation", "class", "prior"]), default="variations",
                      show_default=True,
-                     help="variation: condition on embeddings of real training images; class: class-conditional "
+                     help="variations (or variation): condition on embeddings of real training images; class: class-conditional "
                           "model; prior: fresh samples of each class from an embedding prior (class sub-folder "
                           "names matched to the prior's class names, a leading '01_' ignored)."),
         click.option("--prior", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -616,7 +616,7 @@ def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: i
     kw = {"classes": train.classes, "prior": prior} if mode == "prior" else {}
     gen = PipelineGenerator(str(pipeline), mode=mode, num_inference_steps=steps, **kw)
     rep = utility_study(train, test, train.labels, gen, seeds=tuple(range(seeds)), epochs=epochs)
-    source = {"mode": mode, **({"prior": str(gen.prior_source)} if mode == "prior" else {})}
+    source = {"mode": gen.mode, **({"prior": str(gen.prior_source)} if mode == "prior" else {})}
     return {"classes": train.classes, "generator": source, **rep}
 
 

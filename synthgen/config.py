@@ -149,6 +149,23 @@ class SamplingConfig:
 
 SAMPLING = SamplingConfig()
 
+# What conditions a generated image, one vocabulary for every entry point (synthgen generate,
+# SynthAugment, eval utility, recipes). "variation" is an accepted older spelling of "variations".
+GENERATION_MODES = ("variations", "class", "prior", "interpolation", "mask")
+_MODE_ALIASES = {"variation": "variations"}
+
+
+def resolve_mode(mode: str, allowed=GENERATION_MODES, where: str = "mode") -> str:
+    """The canonical name of generation mode ``mode`` (an alias resolved), checked against ``allowed``.
+
+    Raises:
+        ConfigError: names ``where`` and the modes allowed there.
+    """
+    name = _MODE_ALIASES.get(mode, mode)
+    if name not in allowed:
+        raise ConfigError(f"{where}: unknown mode {mode!r}; choose one of: {', '.join(allowed)}")
+    return name
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -50,3 +50,18 @@ def test_virtual_stain_tile_is_the_same_alone_or_in_a_batch():
     alone = virtual_stain(pipe, translator, tiles[1:2], "ki67", seeds=[8], **kw)
     assert np.abs(batch[1].astype(int) - alone[0].astype(int)).max() <= 1
     assert np.abs(batch[0].astype(int) - batch[1].astype(int)).mean() > 1
+
+
+def test_one_mode_vocabulary():
+    import pytest
+
+    from synthgen.augment import PipelineGenerator
+    from synthgen.config import GENERATION_MODES, ConfigError, resolve_mode
+
+    assert resolve_mode("variation") == resolve_mode("variations") == "variations"
+    assert set(GENERATION_MODES) >= {"variations", "class", "prior", "interpolation", "mask"}
+    with pytest.raises(ConfigError, match="unknown mode 'remix'; choose one of"):
+        resolve_mode("remix")
+    assert PipelineGenerator(str(SMALL), mode="variation").mode == "variations"  # the older spelling still works
+    with pytest.raises(ConfigError, match="PipelineGenerator mode"):
+        PipelineGenerator(str(SMALL), mode="interpolation")

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from synthgen.augment.images import as_uint8, like
-from synthgen.config import SAMPLING
+from synthgen.config import SAMPLING, resolve_mode
 from synthgen.errors import SynthgenError
 from synthgen.seeding import PRIOR, derived, generator, item_seeds
 
@@ -61,7 +61,7 @@ class SynthPolicy:
         return {c: int(round(counts.get(c, 0) * r)) for c, r in self.ratios.items() if counts.get(c, 0)}
 
 
-MODES = ("variation", "class", "prior", "mask")
+MODES = ("variations", "class", "prior", "mask")  # of GENERATION_MODES; "variation" is accepted too
 
 
 class PipelineGenerator:
@@ -70,7 +70,7 @@ class PipelineGenerator:
 
     Args:
         pipeline: a pipeline folder (or a loaded pipeline, for ``num_workers=0``).
-        mode: ``variation`` (embedding of the real sample; needs the pipeline's image encoder),
+        mode: ``variations`` (or ``variation``: embedding of the real sample; needs the pipeline's image encoder),
             ``class`` (a class-conditional model; the label is the condition), ``prior`` (a fresh
             sample of the item's class: its embedding drawn from the embedding prior, no reference
             image) or ``mask`` (the sample's own mask through the pipeline's mask branch, with the
@@ -104,17 +104,16 @@ class PipelineGenerator:
             map to it.
     """
 
-    def __init__(self, pipeline, mode: str = "variation", guidance_scale: float = SAMPLING.guidance,
+    def __init__(self, pipeline, mode: str = "variations", guidance_scale: float = SAMPLING.guidance,
                  num_inference_steps: int | None = None,
                  classes: Sequence[str] | Mapping[int, int | str] | None = None, prior=None,
                  controlnet_conditioning_scale: float = 1.0, device: str | torch.device | None = None,
                  strength: float = 1.0, dtype: str = "auto"):
-        if mode not in MODES:
-            raise SynthgenError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        mode = resolve_mode(mode, MODES, "PipelineGenerator mode")
         if not 0 < strength <= 1:
             raise SynthgenError(f"strength must be in (0, 1], got {strength}")
-        if strength < 1 and mode != "variation":
-            raise SynthgenError(f"strength < 1 (anchored variations) needs mode='variation', got mode={mode!r}")
+        if strength < 1 and mode != "variations":
+            raise SynthgenError(f"strength < 1 (anchored variations) needs mode='variations', got mode={mode!r}")
         from synthgen.pipelines.precision import resolve_dtype
 
         try:
@@ -200,7 +199,7 @@ class PipelineGenerator:
         kw = {}
         if self.mode == "class":
             kw["class_labels"] = labels
-        elif self.mode == "variation":
+        elif self.mode == "variations":
             kw["images"] = references
             if self.strength != 1:
                 kw["strength"] = self.strength

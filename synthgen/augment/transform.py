@@ -62,7 +62,7 @@ class SynthTransform:
         if _is_pipeline(generator):
             from synthgen.augment.synth_augment import PipelineGenerator
 
-            generator = PipelineGenerator(generator, mode="variation", guidance_scale=guidance_scale,
+            generator = PipelineGenerator(generator, mode="variations", guidance_scale=guidance_scale,
                                           num_inference_steps=num_inference_steps,
                                           strength=0.5 if strength is None else strength)
         elif strength is not None:
