@@ -13,9 +13,6 @@ from synthgen.config import SAMPLING
 from synthgen.encoders.load import SPEC_HELP
 from synthgen.errors import SynthgenError
 
-log = logging.getLogger("synthgen")
-
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="synthgen")
@@ -68,60 +65,25 @@ def tile(inputs, out, mpp, size, overlap, min_tissue, slide_mpp, mask_mpp, roi, 
 
     Example: synthgen tile CMU-1-Small-Region.svs --mpp 1.0 --size 128 -o tiles.csv
     """
-    from tqdm.auto import tqdm
-
-    from synthgen.data.slides import Slide, slide_key
-    from synthgen.data.tiling import TileSpec, find_slides, tile_slide, write_tile_table
+    from synthgen.config import ConfigError
+    from synthgen.workflows.tile import TileJob
+    from synthgen.workflows.tile import tile as run_tile
 
     try:
         box = tuple(float(v) for v in roi.split(",")) if roi else None
-        spec = TileSpec(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, mask_mpp=mask_mpp, roi=box)
     except ValueError as e:
-        raise click.BadParameter(str(e)) from e
-    paths = find_slides(inputs)
-    if not paths:
-        raise click.UsageError(f"no slide or image files found in {', '.join(map(str, inputs))}")
-    tiles, slides, failed = [], {}, []
-    for path in tqdm(paths, desc="tiling", unit="slide", disable=len(paths) < 2):
-        try:
-            with Slide(path, mpp=slide_mpp) as s:
-                key = slide_key(path, hashed=not keep_names)
-                if key in slides and slides[key]["path"] != str(path.resolve()):
-                    raise SynthgenError(f"{path}: same slide key {key} as {slides[key]['path']} (duplicate file?)")
-                found = tile_slide(s, spec, key)
-                if preview is not None:
-                    _write_preview(s, spec, found, preview / f"{key}.png")
-        except SynthgenError as e:
-            if not skip_errors:
-                raise
-            failed.append(str(e))
-            click.echo(f"skipped: {e}", err=True)
-            continue
-        tiles += found
-        slides[key] = {"path": str(path.resolve()), **s.info()}
-        log.info("%s: %d tiles", key, len(found))
-    if not tiles:
-        raise SynthgenError("no tiles from any input slide")
-    write_tile_table(tiles, out, slides)
-    click.echo(f"{len(tiles)} tiles from {len(slides)} slide(s) at {mpp} um/px, {size} px -> {out}")
-    if failed:
-        click.echo(f"{len(failed)} slide(s) skipped", err=True)
+        raise click.BadParameter(f"{roi!r}: expected four numbers X0,Y0,X1,Y1", param_hint="--roi") from e
+    job = TileJob(inputs=inputs, out=out, mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue,
+                  slide_mpp=slide_mpp, mask_mpp=mask_mpp, roi=box, keep_names=keep_names, skip_errors=skip_errors,
+                  preview=preview)
+    try:
+        result = run_tile(job, on_skip=lambda msg: click.echo(f"skipped: {msg}", err=True))
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"{result.num_tiles} tiles from {result.num_slides} slide(s) at {mpp} um/px, {size} px -> {out}")
+    if result.skipped:
+        click.echo(f"{len(result.skipped)} slide(s) skipped", err=True)
         sys.exit(1)
-
-
-def _write_preview(slide, spec, tiles, path: Path) -> None:
-    """Thumbnail with the kept tiles outlined, for a quick visual check."""
-    from PIL import Image, ImageDraw
-
-    tmpp = max(slide.mpp, max(slide.dimensions) * slide.mpp / 1024)  # longest side ~1024 px
-    img = Image.fromarray(slide.thumbnail(tmpp))
-    draw = ImageDraw.Draw(img)
-    f = slide.mpp / tmpp
-    side = spec.size * spec.mpp / tmpp
-    for t in tiles:
-        draw.rectangle([t.x * f, t.y * f, t.x * f + side, t.y * f + side], outline=(0, 160, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
 
 
 @cli.command()
@@ -162,15 +124,11 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
     Writes sharded safetensors files with one tensor per encoder, atomically; a killed run
     resumes from the last finished shard. Training reads the cache instead of re-encoding.
     """
-    import json
-
-    import torch
-
-    from synthgen.data.cache import build_cache
-    from synthgen.data.datasets import ImageListDataset, PatchDataset
     from synthgen.encoders.load import load_encoder
+    from synthgen.workflows.cache import CacheJob, is_image_csv
+    from synthgen.workflows.cache import cache as run_cache
 
-    fns = {}
+    specs, fns = {}, {}
     for spec in encoders:
         name, sep, target = spec.partition("=")
         if not sep or not name or ":" not in target:
@@ -179,64 +137,16 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
             fns[name] = load_encoder(target)
         except SynthgenError as e:
             raise click.BadParameter(str(e), param_hint="--encoder") from e
-    image_list = source.is_dir() or _is_image_csv(source)
-    if (image_mpp is None) != (mpp is None) or (mpp is not None and not image_list):
+        specs[name] = target
+    if (image_mpp is None) != (mpp is None) or (mpp is not None and not (source.is_dir() or is_image_csv(source))):
         raise click.UsageError("--image-mpp and --mpp go together, for an image folder or CSV")
-    kw = {"size": size, "image_mpp": image_mpp, "mpp": mpp}
-    if source.is_dir():
-        dataset = ImageListDataset.from_folder(source, **kw)
-    elif image_list:
-        dataset = ImageListDataset.from_csv(source, **kw)
-    else:
-        slides = json.loads(slides_json.read_text()) if slides_json else None
-        if _is_labelled_table(source):  # from `synthgen splits`: keep class and tissue-source ids
-            from synthgen.data.cache import LabelledTiles
-
-            dataset = LabelledTiles(source, slides=slides)
-        else:
-            dataset = PatchDataset(source, slides=slides)
-    fingerprint = {"source": _file_digest(source) if source.is_file() else f"folder:{len(dataset)}",
-                   "encoders": dict(sorted((spec.partition('=')[0], spec.partition('=')[2]) for spec in encoders)),
-                   "size": size}
-    if mpp is not None:
-        fingerprint["mpp"] = [image_mpp, mpp]
-    scale = getattr(dataset, "mpp", None)  # recorded in the cache; `synthgen assemble` passes it on
-    if crop is not None:
-        from synthgen.data.datasets import CropViews
-
-        dataset = CropViews(dataset, crop, crop_stride, dihedral)
-        fingerprint["crop"] = [crop, crop_stride, dihedral]
-    elif crop_stride or dihedral:
+    if crop is None and (crop_stride or dihedral):
         raise click.UsageError("--crop-stride and --dihedral need --crop")
-    build_cache(dataset, out, fns, shard_size=shard_size, batch_size=batch_size, num_workers=num_workers,
-                dtype=getattr(torch, dtype), fingerprint=fingerprint, classes=getattr(dataset, "classes", None),
-                force=force, mpp=scale)
-    click.echo(f"{len(dataset)} items cached -> {out}")
-
-
-def _is_labelled_table(path: Path) -> bool:
-    """A CSV tile table with the label columns of ``synthgen splits``."""
-    from synthgen.data.splits import LABEL_COLUMNS
-
-    if path.suffix != ".csv":
-        return False
-    with open(path, newline="") as f:
-        header = f.readline().strip().split(",")
-    return set(LABEL_COLUMNS) <= set(header)
-
-
-def _is_image_csv(path: Path) -> bool:
-    """A CSV listing image files (a ``path`` column), not a tile table."""
-    if path.suffix.lower() != ".csv":
-        return False
-    with open(path, newline="") as f:
-        return "path" in f.readline().strip().split(",")
-
-
-def _file_digest(path: Path) -> str:
-    from synthgen._io import sha256_file
-
-    return sha256_file(path)[:16]
+    job = CacheJob(source=source, out=out, encoders=specs, slides_json=slides_json, size=size, image_mpp=image_mpp,
+                   mpp=mpp, crop=crop, crop_stride=crop_stride, dihedral=dihedral, shard_size=shard_size,
+                   batch_size=batch_size, num_workers=num_workers, dtype=dtype, force=force)
+    n = run_cache(job, loaded=fns)
+    click.echo(f"{n} items cached -> {out}")
 
 
 @cli.command()
@@ -541,8 +451,9 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, seed, json_ou
 
     from synthgen.metrics.fidelity import extract_features, fidelity_report
     from synthgen.metrics.handcrafted import encoder_free_report, format_report
+    from synthgen.workflows.datasets import image_set
 
-    real_ds, synth_ds = _image_set(real, size), _image_set(synth, size)
+    real_ds, synth_ds = image_set(real, size), image_set(synth, size)
     report = {}
     if encoder_spec:
         encoder = _load_encoder(encoder_spec)
@@ -660,6 +571,7 @@ def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_agai
     skipped, and the report says which and why.
     """
     from synthgen.metrics.report import write_report
+    from synthgen.workflows.datasets import image_set
 
     study = {"--utility-train": utility_train, "--utility-test": utility_test, "--pipeline": pipeline}
     given = [name for name, v in study.items() if v is not None]
@@ -670,10 +582,10 @@ def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_agai
     if audit_against is not None and not encoder_spec:
         raise click.UsageError("--audit-against needs --encoder")
     encoder = _load_encoder(encoder_spec) if encoder_spec else None
-    real_ds, synth_ds = _image_set(real, size), _image_set(synth, size)
+    real_ds, synth_ds = image_set(real, size), image_set(synth, size)
     audit_ds = None
     if audit_against is not None:
-        audit_ds = real_ds if audit_against == real else _image_set(audit_against, size)
+        audit_ds = real_ds if audit_against == real else image_set(audit_against, size)
     utility = _utility(utility_train, utility_test, pipeline, mode, utility_size, seeds, epochs, steps, prior) if given \
         else utility_json
     rep = write_report(out, real_ds, synth_ds, encoder, utility=utility, audit_train=audit_ds,
@@ -712,22 +624,6 @@ def _mask_pairs(folder: Path, n: int = 8) -> list | None:
             for it in items]
 
 
-def _image_set(folder: Path, size: int | None):
-    import json
-
-    from synthgen.data.datasets import ImageListDataset, PatchDataset
-
-    if folder.is_file():  # a tile table from `synthgen tile`
-        return PatchDataset(folder)
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        items = json.loads(manifest.read_text())["items"]
-        labels = [it["label"] for it in items]
-        return ImageListDataset([folder / it["file"] for it in items],
-                                labels if all(v is not None for v in labels) else None, size=size)
-    return ImageListDataset.from_folder(folder, size=size)
-
-
 @cli.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
@@ -755,13 +651,14 @@ def export(source, out, fmt, class_names, drop_rejected, licence, audit_against,
     (per-item sha256, model hash, seeds, condition kinds) and DATASHEET.md. Images are re-encoded
     from pixels; no source names, metadata or embeddings are included."""
     from synthgen.export.writers import export_dataset
+    from synthgen.workflows.audit import audit as run_audit
 
     names = class_names.split(",") if class_names else None
     audit = None
     if audit_against is not None:
         if not audit_encoder:
             raise click.UsageError("--audit-against needs --audit-encoder")
-        audit = _audit(source, audit_against, audit_encoder, audit_threshold)
+        audit = run_audit(source, audit_against, audit_encoder, audit_threshold)
         click.echo(f"audit: {sum(audit['flagged'])} of {len(audit['flagged'])} items flagged as near-copies "
                    f"(threshold {audit_threshold})")
     elif drop_flagged or allow_risk:
@@ -770,28 +667,6 @@ def export(source, out, fmt, class_names, drop_rejected, licence, audit_against,
                           audit=audit, max_flagged=max_flagged, allow_risk=allow_risk, drop_flagged=drop_flagged,
                           force=force)
     click.echo(f"exported ({fmt}) -> {path}")
-
-
-def _audit(source: Path, real: Path, encoder_spec: str, threshold: float) -> dict:
-    import json
-
-    import torch
-
-    from synthgen.data.datasets import ImageListDataset
-    from synthgen.encoders.load import load_encoder
-    from synthgen.metrics.fidelity import extract_features
-    from synthgen.metrics.privacy import memorization_audit, thumbnails
-
-    items = json.loads((source / "manifest.json").read_text())["items"]
-    synth = ImageListDataset([source / it["file"] for it in items])
-    side = synth[0]["image"].shape[-1]
-    real_ds = _image_set(real, side) if real.is_dir() else _image_set(real, None)
-    enc = load_encoder(encoder_spec)
-    fs, _ = extract_features(enc, synth)
-    fr, _ = extract_features(enc, real_ds)
-    ps = thumbnails(torch.stack([synth[i]["image"] for i in range(len(synth))]))
-    pr = thumbnails(torch.stack([real_ds[i]["image"] for i in range(len(real_ds))]))
-    return memorization_audit(fs, fr, ps, pr, threshold=threshold)
 
 
 @cli.command()

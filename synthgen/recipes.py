@@ -274,29 +274,19 @@ class _Steps:
         self.r, self.out = recipe, out
 
     def tile(self):
-        from synthgen.data.slides import Slide, slide_key
-        from synthgen.data.tiling import TileSpec, find_slides, tile_slide, write_tile_table
+        from synthgen.workflows.tile import TileJob, tile
 
         s = self.r.tile
-        spec = TileSpec(mpp=s.mpp, size=s.size, overlap=s.overlap, min_tissue=s.min_tissue,
-                        roi=tuple(s.roi) if s.roi else None)
-        tiles, slides = [], {}
-        for path in find_slides(list(s.slides)):
-            with Slide(path, mpp=s.slide_mpp) as sl:
-                key = slide_key(path)
-                tiles += tile_slide(sl, spec, key)
-                slides[key] = {"path": str(path.resolve()), **sl.info()}
-        write_tile_table(tiles, self.out / "tile" / "tiles.csv", slides)
+        tile(TileJob(inputs=list(s.slides), out=self.out / "tile" / "tiles.csv", mpp=s.mpp, size=s.size,
+                     overlap=s.overlap, min_tissue=s.min_tissue, slide_mpp=s.slide_mpp,
+                     roi=tuple(s.roi) if s.roi else None))
 
     def cache(self):
-        from synthgen.data.cache import build_cache
-        from synthgen.data.datasets import PatchDataset
-        from synthgen.encoders.load import load_encoder
+        from synthgen.workflows.cache import CacheJob, cache
 
         s = self.r.cache
-        encoders = {name: load_encoder(spec) for name, spec in s.encoders.items()}
-        build_cache(PatchDataset(self.out / "tile" / "tiles.csv"), self.out / "cache", encoders,
-                    batch_size=s.batch_size, shard_size=s.shard_size, fingerprint={"encoders": s.encoders})
+        cache(CacheJob(source=self.out / "tile" / "tiles.csv", out=self.out / "cache", encoders=dict(s.encoders),
+                       batch_size=s.batch_size, shard_size=s.shard_size, num_workers=0))
 
     def train(self):
         from synthgen.config import load_train_config
@@ -431,13 +421,13 @@ class _Steps:
             atomic_write_text(out / "stain.json", json.dumps(stain_report(real, images, source=tiles), indent=1))
 
     def export(self):
-        from synthgen.cli import _audit
         from synthgen.export.writers import export_dataset
+        from synthgen.workflows.audit import audit as run_audit
 
         s = self.r.export
         audit = None
         if s.audit_encoder:
-            audit = _audit(self.out / s.source, self.out / "tile" / "tiles.csv", s.audit_encoder, s.audit_threshold)
+            audit = run_audit(self.out / s.source, self.out / "tile" / "tiles.csv", s.audit_encoder, s.audit_threshold)
         manifest = json.loads((self.out / s.source / "manifest.json").read_text())
         manifest["recipe_sha256"] = _hash(to_dict(self.r))
         (self.out / s.source / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -446,14 +436,14 @@ class _Steps:
                        max_flagged=s.max_flagged, allow_risk=s.allow_risk, drop_flagged=s.drop_flagged)
 
     def evaluate(self):
-        from synthgen.cli import _image_set
         from synthgen.encoders.load import load_encoder
         from synthgen.metrics.fidelity import extract_features, fidelity_report
+        from synthgen.workflows.datasets import image_set
 
         enc = load_encoder(self.r.evaluate.encoder)
-        fr, _ = extract_features(enc, _image_set(self.out / "tile" / "tiles.csv", None))
+        fr, _ = extract_features(enc, image_set(self.out / "tile" / "tiles.csv", None))
         synth = self.out / ("generate" if self.r.generate else "paired")
-        fs, _ = extract_features(enc, _image_set(synth, None))
+        fs, _ = extract_features(enc, image_set(synth, None))
         report = fidelity_report(fr, fs, n_bootstrap=self.r.evaluate.bootstrap)
         ev = self.out / "evaluate"
         ev.mkdir(parents=True, exist_ok=True)
@@ -495,10 +485,10 @@ def contact_sheet(tiles: Path, generated: Path, path: Path, n: int = 8) -> Path:
     """PNG: a row of real tiles above rows of synthetic images (up to 3 x ``n``)."""
     import torch
 
-    from synthgen.cli import _image_set
     from synthgen.training.tasks import _save_grid
+    from synthgen.workflows.datasets import image_set
 
-    real, synth = _image_set(tiles, None), _image_set(generated, None)
+    real, synth = image_set(tiles, None), image_set(generated, None)
     g = torch.Generator().manual_seed(0)
     ridx = torch.randperm(len(real), generator=g)[:n].tolist()
     rows = [real[i]["image"] for i in ridx] + [synth[i]["image"] for i in range(min(len(synth), 2 * n))]

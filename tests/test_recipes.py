@@ -168,3 +168,27 @@ def test_encoder_spec_options(tmp_path):
         load_encoder(f"vae:{tmp_path / 'pipe'}#grid=4")
     with pytest.raises(SynthgenError, match="grid must be a positive integer"):
         load_encoder("timm:hf-hub:MahmoodLab/UNI2-h#grid=four")
+
+
+def test_recipe_tile_step_is_the_tile_command(cmu, tmp_path):
+    """The recipe step runs the command's workflow: it refuses two copies of one slide (same content
+    key) as `synthgen tile` does, and its cache records the tiles' scale."""
+    import shutil
+
+    from synthgen.data.cache import CacheDataset
+    from synthgen.errors import SynthgenError
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(cmu, tmp_path / name / cmu.name)
+    f = tmp_path / "r.yaml"
+    f.write_text(json.dumps({"name": "dup", "output_dir": str(tmp_path / "o"),
+                             "tile": {"slides": [str(tmp_path / "a"), str(tmp_path / "b")], "mpp": 4.0, "size": 32}}))
+    with pytest.raises(SynthgenError, match="same slide key"):
+        run(load_recipe(f), echo=lambda *_: None)
+    enc = "ssl:" + str(REPO / "checkpoints" / "synthgen-small-cmu" / "image_encoder")
+    f.write_text(json.dumps({"name": "one", "output_dir": str(tmp_path / "o2"),
+                             "tile": {"slides": [str(tmp_path / "a")], "mpp": 4.0, "size": 64},
+                             "cache": {"encoders": {"emb": enc}}}))
+    run(load_recipe(f), echo=lambda *_: None)
+    assert CacheDataset(tmp_path / "o2" / "cache").mpp == 4.0
