@@ -78,11 +78,11 @@ def prior_check(prior, real: torch.Tensor, labels: torch.Tensor, train_bank, n: 
 def bank_of(ds, encoder, out: Path):
     from synthgen.data.cache import build_cache
     from synthgen.data.datasets import CropViews
-    from synthgen.pipelines.cli_generate import _bank
+    from synthgen.workflows.generate import embedding_bank
 
     views = CropViews(ds, BANK_OPTS["crop"], BANK_OPTS["stride"], dihedral=True)
     build_cache(views, out, {"emb": encoder}, shard_size=4096, classes=ds.classes, progress=False)
-    return _bank(out, "emb")
+    return embedding_bank(out, "emb")
 
 
 def run(work: Path | None = None, folds: int = 3, n: int = 32, steps: int = 20, guidance: float = 2.0,
@@ -103,17 +103,17 @@ def run(work: Path | None = None, folds: int = 3, n: int = 32, steps: int = 20, 
     from synthgen.config import load_train_config
     from synthgen.data.datasets import ImageListDataset
     from synthgen.models.prior import EmbeddingPrior
-    from synthgen.pipelines.cli_generate import _bank
     from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.rare import RareClassSynthesizer
     from synthgen.training.tasks import _save_grid
     from synthgen.training.trainer import train
+    from synthgen.workflows.generate import embedding_bank
 
     report: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
     pipe = SynthPipeline.from_pretrained(CKPT)
     pipe.set_progress_bar_config(disable=True)
     enc = pipe.image_encoder.eval()
-    bank, labels, names = _bank(CKPT / "bank", "emb")
+    bank, labels, names = embedding_bank(CKPT / "bank", "emb")
     prior = EmbeddingPrior.from_pretrained(CKPT / "prior")
 
     # 1a. in-sample: the shipped prior against the shipped bank

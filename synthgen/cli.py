@@ -264,18 +264,16 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
     import os
 
     from synthgen._io import OutputLock
-    from synthgen.pipelines.cli_generate import filter_summary, run_generate
+    from synthgen.workflows.generate import GenerateJob, filter_summary
+    from synthgen.workflows.generate import generate as run_generate
 
-    if steps is None:
-        from synthgen.pipelines.generate import SynthPipeline
-
-        steps = SynthPipeline.FAST_MAX_STEPS if fast else SAMPLING.steps
+    job = GenerateJob(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
+                      embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
+                      use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
+                      batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref,
+                      strength=strength, dtype=dtype, fast=fast)
     with OutputLock(out, "generate", force=force, enabled=int(os.environ.get("RANK", "0")) == 0):
-        path = run_generate(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
-                            embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
-                            use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
-                            batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref,
-                            strength=strength, dtype=dtype, fast=fast)
+        path = run_generate(job)
     if path is not None:
         click.echo(f"{num_images} images -> {out} (manifest: {path})")
         if use_filter:
@@ -312,11 +310,12 @@ def large(pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_
           steps, guidance):
     """Generate one image larger than the model's tile (overlapping windows, no seams) as a
     pyramidal TIFF that OpenSlide and QuPath open."""
-    from synthgen.pipelines.cli_generate import run_large
+    from synthgen.workflows.generate import LargeJob
+    from synthgen.workflows.generate import large as run_large
 
-    path = run_large(pipeline=pipeline, out=out, size=size, reference=reference, x=x, y=y, slide_mpp=slide_mpp,
-                     cache_dir=cache_dir, embedding_key=embedding_key, label=label,
-                     overlap=overlap, mpp=mpp, seed=seed, steps=steps, guidance=guidance)
+    path = run_large(LargeJob(pipeline=pipeline, out=out, size=size, reference=reference, x=x, y=y,
+                              slide_mpp=slide_mpp, cache_dir=cache_dir, embedding_key=embedding_key, label=label,
+                              overlap=overlap, mpp=mpp, seed=seed, steps=steps, guidance=guidance))
     click.echo(f"{size}x{size} px -> {path} (+ {path.with_suffix('.png').name})")
 
 

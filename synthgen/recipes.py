@@ -303,32 +303,29 @@ class _Steps:
             raise ConfigError(f"train: interrupted at step {result.step}; rerun the recipe to resume")
 
     def generate(self):
-        from synthgen.pipelines.cli_generate import run_generate
+        from synthgen.workflows.generate import GenerateJob, generate
 
         s = self.r.generate
-        run_generate(pipeline=Path(s.pipeline), out=self.out / "generate", n=s.n, mode=s.mode,
-                     cache_dir=(self.out / "cache") if self.r.cache else None, embedding_key="emb", images_dir=None,
-                     label=s.label, prior_dir=Path(s.prior) if s.prior else None, use_filter=s.filter,
-                     guidance=s.guidance, steps=s.steps, sampler=None, seed=s.seed, batch_size=s.batch_size)
+        generate(GenerateJob(pipeline=Path(s.pipeline), out=self.out / "generate", n=s.n, mode=s.mode,
+                             cache_dir=(self.out / "cache") if self.r.cache else None, label=s.label,
+                             prior_dir=Path(s.prior) if s.prior else None, use_filter=s.filter, guidance=s.guidance,
+                             steps=s.steps, seed=s.seed, batch_size=s.batch_size))
 
     def rare(self):
-        from synthgen.pipelines.cli_generate import run_generate
+        from synthgen.workflows.generate import GenerateJob, generate
 
         s = self.r.rare
-        run_generate(pipeline=Path(s.pipeline), out=self.out / "rare", n=s.n, mode=s.mode, cache_dir=None,
-                     embedding_key="emb", images_dir=None, label=s.label, prior_dir=Path(s.prior) if s.prior else None,
-                     use_filter=s.filter, guidance=s.guidance, steps=s.steps, sampler=None, seed=s.seed,
-                     batch_size=s.batch_size)
+        generate(GenerateJob(pipeline=Path(s.pipeline), out=self.out / "rare", n=s.n, mode=s.mode, label=s.label,
+                             prior_dir=Path(s.prior) if s.prior else None, use_filter=s.filter, guidance=s.guidance,
+                             steps=s.steps, seed=s.seed, batch_size=s.batch_size))
 
     def paired(self):
-        from synthgen.pipelines.cli_generate import run_generate
+        from synthgen.workflows.generate import GenerateJob, generate
 
         s = self.r.paired
-        masks = self._condition_masks(s)
-        run_generate(pipeline=Path(s.pipeline), out=self.out / "paired", n=s.n, mode="mask", cache_dir=None,
-                     embedding_key="emb", images_dir=None, label=None, prior_dir=None, use_filter=False,
-                     guidance=s.guidance, steps=s.steps, sampler=None, seed=s.seed, batch_size=s.batch_size,
-                     masks_dir=masks, controlnet=Path(s.controlnet) if s.controlnet else None)
+        generate(GenerateJob(pipeline=Path(s.pipeline), out=self.out / "paired", n=s.n, mode="mask",
+                             guidance=s.guidance, steps=s.steps, seed=s.seed, batch_size=s.batch_size,
+                             masks_dir=self._condition_masks(s), controlnet=Path(s.controlnet) if s.controlnet else None))
 
     def _condition_masks(self, s: PairedStep) -> Path:
         """The folder of condition label maps: pseudo-labels, procedural or the user's (then augmented)."""

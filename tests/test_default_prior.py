@@ -13,8 +13,8 @@ from synthgen.cli import main
 from synthgen.data.cache import CacheDataset, build_cache
 from synthgen.data.datasets import CropViews, ImageListDataset
 from synthgen.models.prior import EmbeddingPrior
-from synthgen.pipelines.cli_generate import _bank
 from synthgen.pipelines.rare import ClassFilter
+from synthgen.workflows.generate import embedding_bank
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
 CLASSES = ["ADIPOSE", "COMPLEX", "DEBRIS", "EMPTY", "LYMPHO", "MUCOSA", "STROMA", "TUMOR"]
@@ -22,7 +22,7 @@ CLASSES = ["ADIPOSE", "COMPLEX", "DEBRIS", "EMPTY", "LYMPHO", "MUCOSA", "STROMA"
 
 @pytest.fixture(scope="module")
 def shipped():
-    embs, labels, names = _bank(CKPT / "bank", "emb")
+    embs, labels, names = embedding_bank(CKPT / "bank", "emb")
     return embs, labels, names, EmbeddingPrior.from_pretrained(CKPT / "prior")
 
 

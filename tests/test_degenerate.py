@@ -79,9 +79,9 @@ def pipe():
 def job_items(pipe, jobs: int) -> tuple[torch.Tensor, list[int]]:
     """The conditions and image seeds of ``synthgen generate --mode variations -n 8 --seed j``
     for j < jobs (image i of job j has seed j*1000000 + i), as the CLI plans them."""
-    from synthgen.pipelines.cli_generate import _bank, build_plan
+    from synthgen.workflows.generate import build_plan, embedding_bank
 
-    embs, labels, _ = _bank(CKPT / "bank", "emb")
+    embs, labels, _ = embedding_bank(CKPT / "bank", "emb")
     plans = [build_plan(pipe, 8, "variations", (embs, labels), None, None, None, j) for j in range(jobs)]
     return torch.cat([p.embeddings for p in plans]), [s for p in plans for s in p.seeds]
 

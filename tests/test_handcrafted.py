@@ -205,7 +205,7 @@ def test_generate_filter_rejects_unrealistic_images_and_reports_it(cmu_sets, tin
 def test_apply_realism_keeps_real_tiles_and_combines_with_the_class_check(cmu_sets, tmp_path):
     """A generate-style output whose images are real held-out tiles (and one grey blob): the
     realism check keeps the tiles, rejects the blob, and ``accepted`` is both checks."""
-    from synthgen.pipelines.cli_generate import apply_realism, filter_summary
+    from synthgen.workflows.generate import apply_realism, filter_summary
 
     left, right, f_left, _ = cmu_sets
     out = tmp_path / "gen"

@@ -70,7 +70,7 @@ def test_interrupted_generate_resumes_without_duplicates(tmp_path, monkeypatch):
         calls["n"] += 1
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(jobs, "run_plan", dying)  # run_generate imports it at call time
+    monkeypatch.setattr(jobs, "run_plan", dying)  # generate() imports it at call time
     with pytest.raises(KeyboardInterrupt):
         run(r, echo=lambda *_: None)
     assert calls["n"] == 1 and not (tmp_path / "qs" / "export").exists()

@@ -21,7 +21,7 @@ def test_item_seeds_and_streams():
 
 def test_prior_plan_item_is_the_same_in_any_job_size():
     """synthgen generate --mode prior: item i's embedding comes from item i's seed alone."""
-    from synthgen.pipelines.cli_generate import build_plan
+    from synthgen.workflows.generate import build_plan
 
     torch.manual_seed(0)
     prior = EmbeddingPrior(num_tokens=1, dim=16, num_classes=3, width=32, depth=1).eval()

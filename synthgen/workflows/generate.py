@@ -1,16 +1,55 @@
-"""The ``synthgen generate`` job: build the plan from the options, run this process's share,
-merge the manifest."""
+"""The ``synthgen generate`` and ``synthgen large`` workflows: resolve the conditions (bank,
+prior, class, masks), build the plan, run this process's share, merge the manifest."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from synthgen.config import SAMPLING
 from synthgen.errors import SynthgenError
 
 
-def _bank(cache_dir: Path, key: str):
+@dataclass(frozen=True)
+class GenerateJob:
+    """What ``synthgen generate`` (and a recipe's ``generate:``, ``rare:`` and ``paired:`` steps) does.
+
+    ``mode``: one of :data:`synthgen.config.GENERATION_MODES` (None: variations with a bank or
+    images, else class). ``cache_dir``: real embeddings (default: the pipeline's ``bank/`` when a
+    class, the filter or a bank mode needs one); ``images_dir``: reference tiles instead; ``label``:
+    a class id or name; ``prior_dir``: default the pipeline's ``prior/``. ``use_filter``: the
+    selective filter (class check with a labelled bank, realism check against ``realism_ref`` or
+    ``images_dir``). ``masks_dir``: condition label maps (image i gets mask i mod M), written beside
+    the images; ``controlnet`` replaces the pipeline's mask branch. ``steps`` None: the sampling
+    default (the few-step variant's with ``fast``).
+    """
+
+    pipeline: Path
+    out: Path
+    n: int
+    mode: str | None = None
+    cache_dir: Path | None = None
+    embedding_key: str = "emb"
+    images_dir: Path | None = None
+    label: int | str | None = None
+    prior_dir: Path | None = None
+    use_filter: bool = False
+    guidance: float = SAMPLING.guidance
+    steps: int | None = None
+    sampler: str | None = None
+    seed: int = 0
+    batch_size: int = 16
+    masks_dir: Path | None = None
+    controlnet: Path | None = None
+    realism_ref: Path | None = None
+    strength: float = 1.0
+    dtype: str = "auto"
+    fast: bool = False
+
+
+def embedding_bank(cache_dir: Path, key: str = "emb"):
     """Embeddings, labels (or None) and class names (or None) of a feature cache."""
     from synthgen.data.cache import CacheDataset
 
@@ -66,7 +105,7 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
     seeds = item_seeds(seed, n)
     mode = mode or ("variations" if (bank is not None or images_dir) else "class")
     labels = [label] * n
-    if mode == "mask":  # the condition masks alone (null embedding); run_generate attaches them
+    if mode == "mask":  # the condition masks alone (null embedding); generate() attaches them
         return GenerationPlan(None, labels, seeds, "mask")
     if mode == "class":
         if not pipe.transformer.config.num_classes:
@@ -183,54 +222,106 @@ def filter_summary(manifest: dict) -> list[str]:
     return lines
 
 
-def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-                 guidance, steps, sampler, seed, batch_size, masks_dir=None, controlnet=None, realism_ref=None,
-                 strength: float = 1.0, dtype: str = "auto", fast: bool = False):
-    """``synthgen generate``. A pipeline folder may ship ``bank/`` (labelled real embeddings, the
-    default for --cache when a class, the filter or a bank mode needs one) and ``prior/`` (the
-    default --prior); ``label`` is a class id or a class name of the prior or bank.
+def generate(job: GenerateJob) -> Path | None:
+    """Run ``job`` (its share of it under ``accelerate launch``); returns the merged manifest's path
+    on the main process, None on the others.
 
-    ``use_filter``: the selective filter. Its class check (with a class and a labelled bank)
-    re-encodes each image and keeps it when nearest to its class; its realism check
-    (:class:`~synthgen.metrics.handcrafted.RealismFilter`) rejects images whose hand-crafted
-    features are far from every real reference tile: ``realism_ref`` (image folder or tile
-    table), else ``images_dir``; without either it is skipped and the manifest says why. With
-    a reference but no class, the realism check runs alone.
-
-    ``masks_dir``: condition label maps for a mask-guided pipeline, given to the images in turn
-    (image i gets mask i mod M) and written beside them as segmentation pairs; without another
-    condition source the images are sampled from the masks alone. ``controlnet``: a mask branch
-    folder replacing the pipeline's own."""
-    if strength < 1 and images_dir is None:
-        raise SynthgenError("--strength below 1 (anchored variations) needs --images: the reference tiles to start from")
+    Raises:
+        SynthgenError: options that do not go together or data that does not fit (each names the option).
+    """
     import hashlib
 
     from accelerate import PartialState
 
-    from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.jobs import merge_manifest, run_plan
     from synthgen.pipelines.precision import dtype_name, resolve_dtype
-    from synthgen.pipelines.sampling import scheduler_for
 
-    mask_files = None
-    if masks_dir is not None:
-        from synthgen.data.masks import label_map_files
+    if job.strength < 1 and job.images_dir is None:
+        raise SynthgenError("--strength below 1 (anchored variations) needs --images: the reference tiles to start from")
+    mode, mask_files = _masks(job)
+    if job.realism_ref is not None and not job.use_filter:
+        raise SynthgenError("--realism-ref is the reference of the filter's realism check: add --filter")
+    cache_dir, bank, prior, names, label = _conditions(job, mode)
+    realism_source = (job.realism_ref if job.realism_ref is not None else job.images_dir) if job.use_filter else None
+    state = PartialState(cpu=not torch.cuda.is_available())
+    pipe = _load_pipeline(job, state.device, mask_files)
+    steps = job.steps if job.steps is not None else SAMPLING.fast_steps if job.fast else SAMPLING.steps
+    why_not_fast = pipe.fast_unavailable(steps, job.guidance, masks=mask_files, strength=job.strength,
+                                         sampler=job.sampler)
+    if job.fast and why_not_fast:
+        raise SynthgenError(f"--fast: {why_not_fast}")
+    used_fast = why_not_fast is None
+    plan = build_plan(pipe, job.n, mode, bank, job.images_dir, label, prior, job.seed)
+    if mask_files is not None:
+        plan.masks = [mask_files[i % len(mask_files)] for i in range(len(plan))]
+    reference = realism_reference(realism_source, pipe.image_size) if realism_source is not None else None
+    class_filter = encoder = None
+    if job.use_filter and (label is not None or realism_source is None):
+        from synthgen.pipelines.rare import ClassFilter
 
-        mask_files = label_map_files(masks_dir)
-        if not mask_files:
-            raise SynthgenError(f"{masks_dir}: no label-map images (.png, .tif) for --masks")
-        if mode is None and cache_dir is None and images_dir is None:
-            mode = "mask"
-    elif mode == "mask":
-        raise SynthgenError("--mode mask needs --masks DIR")
-    if mode == "prior" and prior_dir is None:
-        prior_dir = shipped(pipeline, "prior")
-    if cache_dir is None and images_dir is None and (label is not None or use_filter
-                                                     or mode in ("variations", "interpolation")):
-        cache_dir = shipped(pipeline, "bank")
+        if bank is None or label is None:
+            raise SynthgenError("--filter needs --cache (with labels) and --class for its class check, or real "
+                                "reference images (--realism-ref, or --images) for its realism check")
+        if bank[1] is None:
+            raise SynthgenError(f"{cache_dir}: --filter needs labels in the cache")
+        if pipe.image_encoder is None:
+            raise SynthgenError("--filter needs a pipeline with an image encoder")
+        class_filter, encoder = ClassFilter(*bank), pipe.image_encoder
+    run_plan(pipe, plan, job.out, rank=state.process_index, world=state.num_processes, guidance_scale=job.guidance,
+             num_inference_steps=steps, batch_size=job.batch_size, class_filter=class_filter, encoder=encoder,
+             progress=state.is_main_process, strength=job.strength, fast=used_fast)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    weights = Path(job.pipeline) / "transformer" / "diffusion_pytorch_model.safetensors"
+    meta = {"model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else None,
+            "mode": plan.kind, "class": label, "guidance_scale": job.guidance, "num_inference_steps": steps,
+            "seed": job.seed, "fast_variant": used_fast,
+            "sampler": type(pipe.fast_scheduler if used_fast else pipe.scheduler).__name__,
+            "strength": job.strength, "dtype": dtype_name(resolve_dtype(job.dtype, pipe._execution_device))}
+    if names and label is not None:
+        meta["class_name"] = names[label]
+    licence = model_licence(job.pipeline)
+    if licence is not None:
+        meta["model_licence"] = licence
+    if job.use_filter and reference is None:
+        meta["realism"] = {"skipped": NO_REALISM_REFERENCE}
+    path = merge_manifest(job.out, len(plan), meta)
+    if reference is not None:
+        from synthgen.metrics.handcrafted import RealismFilter
+
+        apply_realism(path, RealismFilter().fit(reference), str(realism_source))
+    return path
+
+
+def _masks(job: GenerateJob) -> tuple[str | None, list | None]:
+    """The job's mode (``mask`` when masks are the only condition source) and its mask files."""
+    mode = job.mode
+    if job.masks_dir is None:
+        if mode == "mask":
+            raise SynthgenError("--mode mask needs --masks DIR")
+        return mode, None
+    from synthgen.data.masks import label_map_files
+
+    files = label_map_files(job.masks_dir)
+    if not files:
+        raise SynthgenError(f"{job.masks_dir}: no label-map images (.png, .tif) for --masks")
+    if mode is None and job.cache_dir is None and job.images_dir is None:
+        mode = "mask"
+    return mode, files
+
+
+def _conditions(job: GenerateJob, mode: str | None):
+    """(cache folder, bank (embeddings, labels) or None, prior or None, class names, class id): the
+    pipeline's shipped ``bank/`` and ``prior/`` stand in for options not given."""
+    prior_dir = job.prior_dir if job.prior_dir is not None or mode != "prior" else shipped(job.pipeline, "prior")
+    cache_dir = job.cache_dir
+    if cache_dir is None and job.images_dir is None and (job.label is not None or job.use_filter
+                                                         or mode in ("variations", "interpolation")):
+        cache_dir = shipped(job.pipeline, "bank")
     bank, names = None, None
     if cache_dir is not None:
-        embs, bank_labels, names = _bank(cache_dir, embedding_key)
+        embs, bank_labels, names = embedding_bank(cache_dir, job.embedding_key)
         bank = (embs, bank_labels)
     prior = None
     if mode == "prior" and prior_dir is not None:
@@ -242,74 +333,55 @@ def run_generate(*, pipeline, out, n, mode, cache_dir, embedding_key, images_dir
             raise SynthgenError(f"{prior_dir} and {cache_dir} name their classes differently "
                                 f"({', '.join(prior_names)} vs {', '.join(names)})")
         names = prior_names or names
-    label = resolve_class(label, names, "the prior" if prior is not None else "the cache")
-    if realism_ref is not None and not use_filter:
-        raise SynthgenError("--realism-ref is the reference of the filter's realism check: add --filter")
-    realism_source = (realism_ref if realism_ref is not None else images_dir) if use_filter else None
+    label = resolve_class(job.label, names, "the prior" if prior is not None else "the cache")
     if prior is not None and label is not None and not 0 <= label < prior.config.num_classes:
         raise SynthgenError(f"--class {label}: the prior has classes 0-{prior.config.num_classes - 1}")
-    state = PartialState(cpu=not torch.cuda.is_available())
-    pipe = SynthPipeline.from_pretrained(pipeline).to(state.device)
+    return cache_dir, bank, prior, names, label
+
+
+def _load_pipeline(job: GenerateJob, device, mask_files):
+    """The job's pipeline on ``device``, with its dtype, sampler and mask branch."""
+    from synthgen.pipelines.generate import SynthPipeline
+    from synthgen.pipelines.sampling import scheduler_for
+
+    pipe = SynthPipeline.from_pretrained(job.pipeline).to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.inference_dtype = dtype
-    pipe.scheduler = scheduler_for(pipe.scheduler, sampler)
-    if controlnet is not None:
+    pipe.inference_dtype = job.dtype
+    pipe.scheduler = scheduler_for(pipe.scheduler, job.sampler)
+    if job.controlnet is not None:
         from synthgen.models.controlnet import MaskControlNet
 
-        pipe.register_modules(controlnet=MaskControlNet.from_pretrained(controlnet).to(state.device))
+        pipe.register_modules(controlnet=MaskControlNet.from_pretrained(job.controlnet).to(device))
     if mask_files is not None and pipe.controlnet is None:
-        raise SynthgenError(f"--masks: {pipeline} has no mask branch (controlnet/); pass --controlnet DIR "
+        raise SynthgenError(f"--masks: {job.pipeline} has no mask branch (controlnet/); pass --controlnet DIR "
                             "(train one with `synthgen train`, task: controlnet)")
-    why_not_fast = pipe.fast_unavailable(steps, guidance, masks=mask_files, strength=strength, sampler=sampler)
-    if fast and why_not_fast:
-        raise SynthgenError(f"--fast: {why_not_fast}")
-    used_fast = why_not_fast is None
-    plan = build_plan(pipe, n, mode, bank, images_dir, label, prior, seed)
-    if mask_files is not None:
-        plan.masks = [mask_files[i % len(mask_files)] for i in range(len(plan))]
-    class_filter = encoder = reference = None
-    if realism_source is not None:
-        reference = realism_reference(realism_source, pipe.image_size)  # checked before generating
-    if use_filter and (label is not None or realism_source is None):
-        from synthgen.pipelines.rare import ClassFilter
-
-        if bank is None or label is None:
-            raise SynthgenError("--filter needs --cache (with labels) and --class for its class check, or real "
-                                "reference images (--realism-ref, or --images) for its realism check")
-        if bank[1] is None:
-            raise SynthgenError(f"{cache_dir}: --filter needs labels in the cache")
-        if pipe.image_encoder is None:
-            raise SynthgenError("--filter needs a pipeline with an image encoder")
-        class_filter, encoder = ClassFilter(*bank), pipe.image_encoder
-    run_plan(pipe, plan, out, rank=state.process_index, world=state.num_processes, guidance_scale=guidance,
-             num_inference_steps=steps, batch_size=batch_size, class_filter=class_filter, encoder=encoder,
-             progress=state.is_main_process, strength=strength, fast=used_fast)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    model_hash = hashlib.sha256((Path(pipeline) / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-                                ).hexdigest()[:16] if (Path(pipeline) / "transformer").exists() else None
-    meta = {"model_sha256": model_hash, "mode": plan.kind, "class": label, "guidance_scale": guidance,
-            "num_inference_steps": steps, "seed": seed, "fast_variant": used_fast,
-            "sampler": type(pipe.fast_scheduler if used_fast else pipe.scheduler).__name__,
-            "strength": strength, "dtype": dtype_name(resolve_dtype(dtype, pipe._execution_device))}
-    if names and label is not None:
-        meta["class_name"] = names[label]
-    licence = model_licence(pipeline)
-    if licence is not None:
-        meta["model_licence"] = licence
-    if use_filter and reference is None:
-        meta["realism"] = {"skipped": NO_REALISM_REFERENCE}
-    path = merge_manifest(out, len(plan), meta)
-    if reference is not None:
-        from synthgen.metrics.handcrafted import RealismFilter
-
-        apply_realism(path, RealismFilter().fit(reference), str(realism_source))
-    return path
+    return pipe
 
 
-def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_key, label, overlap,
-              mpp, seed, steps, guidance):
+@dataclass(frozen=True)
+class LargeJob:
+    """What ``synthgen large`` does: one ``size`` px image, re-synthesising the region (``x``, ``y``)
+    of ``reference`` read at ``mpp`` (default: the pipeline's scale) window by window, or
+    conditioned on one embedding (of class ``label``) of ``cache_dir``."""
+
+    pipeline: Path
+    out: Path
+    size: int = 512
+    reference: Path | None = None
+    x: int = 0
+    y: int = 0
+    slide_mpp: float | None = None
+    cache_dir: Path | None = None
+    embedding_key: str = "emb"
+    label: int | str | None = None
+    overlap: int | None = None
+    mpp: float | None = None
+    seed: int = 0
+    steps: int = SAMPLING.steps
+    guidance: float = SAMPLING.guidance
+
+
+def large(job: LargeJob) -> Path:
     """``synthgen large``: one large image as a pyramidal TIFF (+ PNG preview)."""
     from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.large_image import (
@@ -319,21 +391,22 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
     )
     from synthgen.seeding import generator
 
-    if reference is not None and label is not None and not str(label).lstrip("-").isdigit():
+    label, size, seed = job.label, job.size, job.seed
+    if job.reference is not None and label is not None and not str(label).lstrip("-").isdigit():
         raise SynthgenError(f"--class {label!r}: with --reference give a class id (names come from a --cache)")
-    pipe = SynthPipeline.from_pretrained(pipeline)
+    pipe = SynthPipeline.from_pretrained(job.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    mpp = pipe.resolve_mpp(mpp)
-    ov_px = pipe.image_size // 2 if overlap is None else overlap
-    if reference is not None:
+    mpp = pipe.resolve_mpp(job.mpp)
+    ov_px = pipe.image_size // 2 if job.overlap is None else job.overlap
+    if job.reference is not None:
         from synthgen.data.slides import Slide
 
         if pipe.image_encoder is None:
             raise SynthgenError("--reference needs a pipeline with an image encoder")
-        with Slide(reference, mpp=slide_mpp) as s:
-            grid = region_embeddings(pipe, s.read(x, y, size, mpp), ov_px)
-    elif cache_dir is not None:
-        embs, bank_labels, names = _bank(cache_dir, embedding_key)
+        with Slide(job.reference, mpp=job.slide_mpp) as s:
+            grid = region_embeddings(pipe, s.read(job.x, job.y, size, mpp), ov_px)
+    elif job.cache_dir is not None:
+        embs, bank_labels, names = embedding_bank(job.cache_dir, job.embedding_key)
         label = resolve_class(label, names, "the cache")
         if label is not None:
             if bank_labels is None:
@@ -344,9 +417,9 @@ def run_large(*, pipeline, out, size, reference, x, y, slide_mpp, cache_dir, emb
         grid = embs[int(torch.randint(0, len(embs), (1,), generator=generator(seed)))]
     else:
         raise SynthgenError("synthgen large needs --reference (a slide or image region to re-synthesise) or --cache")
-    image = generate_large(pipe, grid, size, overlap=ov_px, seed=seed, guidance_scale=guidance,
-                           num_inference_steps=steps, class_label=None if label is None else int(label))
-    out = Path(out)
+    image = generate_large(pipe, grid, size, overlap=ov_px, seed=seed, guidance_scale=job.guidance,
+                           num_inference_steps=job.steps, class_label=None if label is None else int(label))
+    out = Path(job.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_pyramidal_tiff(out, image, mpp)
     from PIL import Image
