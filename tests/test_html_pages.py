@@ -41,7 +41,7 @@ def report(kather, data_dir, generated, tmp_path_factory):
     """A report of two labelled Kather sets (per-class sections), with the audit and mask overlays."""
     real = ImageListDataset.from_folder(kather, size=64)
     synth = ImageListDataset.from_folder(data_dir / "classes" / "kather2016_224", size=64)
-    from synthgen.cli import _mask_pairs
+    from synthgen.workflows.datasets import mask_pairs as _mask_pairs
 
     out = tmp_path_factory.mktemp("report")
     rep = write_report(out, real, synth, color_tokens(), audit_train=real, k=2, n_bootstrap=5,

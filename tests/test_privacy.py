@@ -50,7 +50,7 @@ def planted(cmu, tmp_path_factory):
 
 
 def test_gate_flags_planted_copies_and_passes_generated_tiles(planted):
-    from synthgen.cli import _audit
+    from synthgen.workflows.audit import audit as _audit
 
     audit = _audit(planted / "gen", planted / "train.csv", f"ssl:{CKPT}/image_encoder", 0.5)
     assert audit["flagged"] == [False] * 6 + [True] * 4, audit

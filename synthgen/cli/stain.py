@@ -10,7 +10,7 @@ from synthgen.config import SAMPLING
 from synthgen.data.slides import IMAGE_SUFFIXES
 from synthgen.errors import SynthgenError
 
-DEFAULT_PIPELINE = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
+DEFAULT_PIPELINE = Path(__file__).resolve().parents[2] / "checkpoints" / "synthgen-small-cmu"
 
 
 @click.command("stain")
