@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from synthgen.cli.options import force_option
 from synthgen.encoders.load import SPEC_HELP
 from synthgen.errors import SynthgenError
 
@@ -36,9 +37,7 @@ from synthgen.errors import SynthgenError
               help="DataLoader worker processes reading images.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Storage dtype of the features.")
-@click.option("--force", is_flag=True,
-              help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
-                   "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
+@force_option()
 def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_stride, dihedral, shard_size,
           batch_size, num_workers, dtype, force):
     """Encode SOURCE (a tile table from `synthgen tile`, an image folder, or a CSV of images with

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from synthgen.cli.options import force_option
+
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -28,7 +30,7 @@ import click
               help="Refuse the export when more than this fraction of items is flagged.")
 @click.option("--allow-risk", is_flag=True, help="Export even when the audit flags too many items (recorded).")
 @click.option("--drop-flagged", is_flag=True, help="Remove flagged items from the export.")
-@click.option("--force", is_flag=True, help="Take over the lock (.OUT.lock beside OUT) of another export to OUT.")
+@force_option("the lock (.OUT.lock beside OUT) of another export to OUT")
 def export(source, out, fmt, class_names, drop_rejected, licence, audit_against, audit_encoder, audit_threshold,
            max_flagged, allow_risk, drop_flagged, force):
     """Export SOURCE (a `synthgen generate` output) as a shareable dataset with manifest.json

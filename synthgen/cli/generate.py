@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from synthgen.cli.options import force_option, guidance_option, seed_option, steps_option
 from synthgen.config import SAMPLING
 
 
@@ -41,10 +42,10 @@ from synthgen.config import SAMPLING
 @click.option("--realism-ref", type=click.Path(exists=True, path_type=Path), default=None,
               help="Real tiles (image folder, resized to the model's tile size, or a tile table at the model's mpp) "
                    "for the --filter realism check; its threshold is calibrated on them [default: --images].")
-@click.option("--guidance", type=float, default=SAMPLING.guidance, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Sampling steps [default: 20; 4 with --fast]. With 1-4 steps a pipeline's few-step variant "
-                   "(fast_transformer/) is used where it applies, as with --fast.")
+@guidance_option()
+@steps_option(None, help=f"Sampling steps [default: {SAMPLING.steps}; {SAMPLING.fast_steps} with --fast]. With "
+                         "1-4 steps a pipeline's few-step variant (fast_transformer/) is used where it applies, as "
+                         "with --fast.")
 @click.option("--fast", is_flag=True,
               help="Sample with the pipeline's few-step variant (a consistency-distilled student with guidance "
                    "folded in; `synthgen add-fast`): 1-4 steps, one denoiser pass each; an error where it does "
@@ -59,16 +60,14 @@ from synthgen.config import SAMPLING
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Compute precision (autocast): auto is bf16 on CPUs with native bf16 (AVX512-BF16, AMX) and on "
                    "CUDA, else fp32. Recorded in manifest.json; an image regenerates exactly at the same dtype.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Job seed: image i gets seed*1000000 + i.")
+@seed_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Condition masks (label-map PNGs, see `synthgen masks`) for a mask-guided pipeline: image i gets "
                    "mask i mod M; each mask is saved beside its image (segmentation pairs).")
 @click.option("--controlnet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Mask branch folder to use instead of the pipeline's own controlnet/.")
-@click.option("--force", is_flag=True,
-              help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
-                   "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
+@force_option()
 def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
              realism_ref, guidance, steps, fast, strength, sampler, dtype, seed, batch_size, masks_dir, controlnet,
              force):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.config import SAMPLING
+from synthgen.cli.options import guidance_option, seed_option, steps_option
 
 
 @click.command()
@@ -31,9 +31,9 @@ from synthgen.config import SAMPLING
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Resolution of the model's tiles: read --reference at it and write it into the TIFF "
                    "[default: the pipeline's recorded scale, else 1.0].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=SAMPLING.steps, show_default=True)
-@click.option("--guidance", type=float, default=SAMPLING.guidance, show_default=True)
+@seed_option("Seed of the canvas noise and the --cache embedding draw.")
+@steps_option()
+@guidance_option()
 def large(pipeline, out, size, reference, x, y, slide_mpp, cache_dir, embedding_key, label, overlap, mpp, seed,
           steps, guidance):
     """Generate one image larger than the model's tile (overlapping windows, no seams) as a

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.config import SAMPLING
+from synthgen.cli.options import guidance_option, steps_option
 from synthgen.data.slides import IMAGE_SUFFIXES
 
 
@@ -152,8 +152,8 @@ def masks_augment(source, out, copies, elastic, remove, add, mpp, diameter, seed
 @click.argument("pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("pairs", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-n", "--num", type=click.IntRange(min=1), default=None, help="Use the first N masks [default: all].")
-@click.option("--steps", type=click.IntRange(min=1), default=SAMPLING.steps, show_default=True, help="Sampling steps.")
-@click.option("--guidance", type=float, default=SAMPLING.guidance, show_default=True)
+@steps_option()
+@guidance_option()
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the scores here.")
 @click.option("--grid", type=click.Path(path_type=Path), default=None,
               help="PNG grid: condition mask outlines, mask-guided image, baseline image (rows of three).")

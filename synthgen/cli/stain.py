@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.config import SAMPLING
+from synthgen.cli.options import guidance_option, seed_option, steps_option
 from synthgen.data.slides import IMAGE_SUFFIXES
 from synthgen.errors import SynthgenError
 
@@ -31,9 +31,9 @@ DEFAULT_PIPELINE = Path(__file__).resolve().parents[2] / "checkpoints" / "synthg
                    "recorded scale, else 1.0].")
 @click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Level-0 resolution of a slide without it in its metadata.")
-@click.option("--steps", type=click.IntRange(min=1), default=SAMPLING.steps, show_default=True)
-@click.option("--guidance", type=float, default=SAMPLING.guidance, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@steps_option()
+@guidance_option()
+@seed_option("Job seed: tile or window i gets seed*1000000 + i.")
 @click.option("--route", type=click.Choice(["embedding", "spatial"]), default=None,
               help="embedding: PixCell's route (with --structure, the source's nuclei too); spatial: the "
                    "translator that sees the source tile [default: embedding where the stain has it].")

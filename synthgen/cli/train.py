@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from synthgen.cli.options import force_option
+
 
 @click.command()
 @click.argument("config", type=click.Path(path_type=Path), required=False)
@@ -19,9 +21,7 @@ import click
 @click.option("--stop-at", type=click.IntRange(min=1), default=None, metavar="STEP",
               help="Checkpoint and stop at this step (for time-limited jobs); continue later with --resume latest.")
 @click.option("--print-config", is_flag=True, help="Print the validated config (with defaults) and exit.")
-@click.option("--force", is_flag=True,
-              help="Take over the output folder's lock (.synthgen.lock) even when its owner looks alive (another "
-                   "host, or a pid reused). A lock of a dead process on this host is taken over without it.")
+@force_option()
 def train(config, overrides, resume, stop_at, print_config, force):
     """Train a model (denoiser, controlnet, vae, ssl, prior or translator) from a YAML CONFIG.
 
