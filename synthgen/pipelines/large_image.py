@@ -47,10 +47,55 @@ def _weights(window: int, device) -> torch.Tensor:
     return (w[:, None] * w[None, :]).clamp_min(1e-4)
 
 
+class WindowedDenoiser:
+    """A denoiser over a latent canvas larger than its window, as a model function the one
+    sampling loop (:func:`~synthgen.pipelines.sampling.sample_latents`) calls like the denoiser
+    itself (the k-diffusion way of adding behaviour: wrap the model, keep the sampler).
+
+    Each call crops the canvas into overlapping windows, runs the denoiser on all of them as one
+    batch, each with its own condition, and blends the predictions with Hann weights, so every
+    step sees one consistent canvas and there are no seams (MultiDiffusion, Bar-Tal et al. 2023).
+    Conditions are per window: ``embeddings`` (B, windows, tokens, dim), labels (B, windows).
+    """
+
+    def __init__(self, model, canvas: int, overlap: int):
+        self.model, self.config = model, model.config
+        win = self.win = model.config.sample_size
+        if not 0 <= overlap < win:
+            raise ValueError(f"overlap must be in [0, {win}) latent pixels, got {overlap}")
+        self.ys, self.xs = window_starts(canvas, win, win - overlap), window_starts(canvas, win, win - overlap)
+        self.corners = [(y, x) for y in self.ys for x in self.xs]
+        self.canvas = canvas
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def null_conditions(self, batch_size: int, device=None, dtype=None) -> dict[str, torch.Tensor]:
+        n = len(self.corners)
+        return {k: v.reshape(batch_size, n, *v.shape[1:])
+                for k, v in self.model.null_conditions(batch_size * n, device=device, dtype=dtype).items()}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **conditions):
+        from types import SimpleNamespace
+
+        b, n, win = len(x), len(self.corners), self.win
+        crops = torch.cat([x[i : i + 1, :, y : y + win, xx : xx + win] for i in range(b) for y, xx in self.corners])
+        flat = {k: v.flatten(0, 1) for k, v in conditions.items()}
+        out = self.model(crops, t.repeat_interleave(n), **flat).sample[:, : self.config.in_channels]
+        w = _weights(win, x.device).to(out.dtype)
+        acc = torch.zeros(b, out.shape[1], self.canvas, self.canvas, device=x.device, dtype=out.dtype)
+        norm = torch.zeros(1, 1, self.canvas, self.canvas, device=x.device, dtype=out.dtype)
+        for k, (y, xx) in enumerate(self.corners):
+            acc[:, :, y : y + win, xx : xx + win] += out[k::n] * w
+            norm[:, :, y : y + win, xx : xx + win] += w
+        return SimpleNamespace(sample=acc / norm)
+
+
 @torch.no_grad()
 def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | None = None, seed: int = 0,
-                   guidance_scale: float = SAMPLING.guidance, num_inference_steps: int = SAMPLING.steps, class_label: int | None = None,
-                   progress: bool = True) -> np.ndarray:
+                   guidance_scale: float = SAMPLING.guidance, num_inference_steps: int = SAMPLING.steps,
+                   class_label: int | None = None, progress: bool = True,
+                   guidance_interval: tuple[float, float] | None = None) -> np.ndarray:
     """A ``size`` x ``size`` image from a grid of condition embeddings.
 
     Args:
@@ -60,60 +105,37 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
         size: output side in pixels (a multiple of the VAE's downscale factor).
         overlap: window overlap in pixels (default: half a window).
         seed: the canvas noise seed.
+        guidance_interval: as for :func:`~synthgen.pipelines.sampling.sample_latents`.
 
     Returns:
         (size, size, 3) uint8 RGB.
     """
-    from tqdm.auto import tqdm
-
     from synthgen.models.vae import VAE, to_uint8
-    from synthgen.pipelines.sampling import init_sigma, scale_input
+    from synthgen.pipelines.sampling import sample_latents
 
-    model, sched = pipe.transformer, pipe.scheduler
+    model = pipe.transformer
     cfg = model.config
     down = pipe.vae_scale
     if size % down:
         raise ValueError(f"size {size} must be a multiple of the VAE's downscale factor {down}")
-    win = cfg.sample_size
-    lat = size // down
+    win, lat = cfg.sample_size, size // down
     ov = (win // 2) if overlap is None else overlap // down
     if not 0 <= ov < win:
         raise ValueError(f"overlap must be in [0, {win * down}) pixels, got {overlap}")
-    ys = window_starts(lat, win, win - ov)
-    xs = window_starts(lat, win, win - ov)
+    windowed = WindowedDenoiser(model, lat, ov)
     emb = torch.as_tensor(embeddings, dtype=torch.float32)
     if emb.ndim == 2:
-        emb = emb.expand(len(ys), len(xs), *emb.shape)
-    if emb.shape[:2] != (len(ys), len(xs)):
-        raise ValueError(f"embeddings grid is {tuple(emb.shape[:2])} but the canvas needs {len(ys)}x{len(xs)} windows "
-                         f"of {win * down} px with {ov * down} px overlap")
+        emb = emb.expand(len(windowed.ys), len(windowed.xs), *emb.shape)
+    if emb.shape[:2] != (len(windowed.ys), len(windowed.xs)):
+        raise ValueError(f"embeddings grid is {tuple(emb.shape[:2])} but the canvas needs {len(windowed.ys)}x"
+                         f"{len(windowed.xs)} windows of {win * down} px with {ov * down} px overlap")
     p = next(model.parameters())
-    g = generator(seed)
-    x = torch.randn(1, cfg.in_channels, lat, lat, generator=g).to(p.device, p.dtype)
-    sched.set_timesteps(num_inference_steps, device=p.device)
-    x = x * init_sigma(sched)
-    w = _weights(win, p.device)
-    windows = [(y, xx, emb[i, j]) for i, y in enumerate(ys) for j, xx in enumerate(xs)]
-    conds = torch.stack([e for *_, e in windows]).to(p.device)
-    labels = torch.full((len(windows),), class_label if class_label is not None else -1, device=p.device)
-    cond_kw = {"embeddings": conds}
+    n = len(windowed.corners)
+    conds = {"embeddings": emb.reshape(1, n, *emb.shape[2:]).to(p.device)}
     if cfg.num_classes:
-        cond_kw["class_labels"] = labels
-    null = model.null_conditions(len(windows), device=p.device)
-    for t in tqdm(sched.timesteps, desc="large image", disable=not progress, leave=False):
-        xin = scale_input(sched, x, t)
-        crops = torch.cat([xin[:, :, y : y + win, xx : xx + win] for y, xx, _ in windows])
-        tt = t.expand(len(windows)).to(p.device)
-        out = model(crops, tt, **cond_kw).sample[:, : cfg.in_channels]
-        if guidance_scale != 1.0:
-            unc = model(crops, tt, **{k: null[k] for k in cond_kw}).sample[:, : cfg.in_channels]
-            out = unc + guidance_scale * (out - unc)
-        acc = torch.zeros_like(x)
-        norm = torch.zeros(1, 1, lat, lat, device=p.device)
-        for k, (y, xx, _) in enumerate(windows):
-            acc[:, :, y : y + win, xx : xx + win] += out[k : k + 1] * w
-            norm[:, :, y : y + win, xx : xx + win] += w
-        x = sched.step(acc / norm, t, x).prev_sample
+        conds["class_labels"] = torch.full((1, n), class_label if class_label is not None else -1, device=p.device)
+    x = sample_latents(windowed, pipe.scheduler, conds, [generator(seed)], num_inference_steps, guidance_scale,
+                       latent_size=lat, guidance_interval=guidance_interval, progress=progress)
     image = to_uint8(VAE(pipe.vae).decode(x))[0].permute(1, 2, 0).cpu().numpy()
     return image
 
