@@ -8,7 +8,7 @@ from tiny_encoders import color_tokens
 
 from synthgen.data.datasets import ImageListDataset, PatchDataset
 from synthgen.metrics.report import write_report
-from synthgen.metrics.utility import utility_study
+from synthgen.studies.utility import utility_study
 
 
 def _png(path):

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from synthgen.metrics.utility import utility_study
+from synthgen.studies.utility import utility_study
 
 
 class Crops(Dataset):

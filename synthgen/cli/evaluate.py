@@ -132,7 +132,7 @@ def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: i
     generator's mode (and prior)."""
     from synthgen.augment import PipelineGenerator
     from synthgen.data.datasets import ImageListDataset
-    from synthgen.metrics.utility import utility_study
+    from synthgen.studies.utility import utility_study
 
     train = ImageListDataset.from_folder(train_dir, size=size)
     test = ImageListDataset.from_folder(test_dir, size=size)

@@ -8,7 +8,7 @@ encoder-free fidelity (:mod:`synthgen.metrics.handcrafted`: hand-crafted feature
 computed, with the real-vs-real floor and blurred / stain-shifted references of the same run; in
 ``report.json`` under ``encoder_free``, beside ``sections``) and the memorisation audit
 (:mod:`synthgen.metrics.privacy`, needs an encoder and the generating model's training images).
-Sections passed in as results: utility (a :func:`~synthgen.metrics.utility.utility_study` dict)
+Sections passed in as results: utility (a :func:`~synthgen.studies.utility.utility_study` dict)
 and mask adherence / stain scores (any dict, or JSON file, of numbers, nested or flat: rendered
 as tables). Every section not
 produced is listed in the report with the reason.
@@ -59,7 +59,7 @@ def write_report(out: str | os.PathLike, real, synth, encoder: Callable | str | 
             ``ImageListDataset`` or ``PatchDataset``); labels in both give per-class results.
         encoder: feature extractor (callable uint8 batch -> (B, ...)) or an encoder spec string;
             None skips fidelity and the privacy audit.
-        utility: result of :func:`~synthgen.metrics.utility.utility_study` (a ``"classes"`` key
+        utility: result of :func:`~synthgen.studies.utility.utility_study` (a ``"classes"`` key
             with class names is used when present), or a JSON file of one.
         audit_train: dataset of the generating model's training images: runs the memorisation
             audit (encoder-space and pixel-space nearest-neighbour ratios) at ``audit_threshold``.
