@@ -27,8 +27,8 @@ T_DIAG = (20, 50, 100, 200, 400)
 
 
 def load_denoiser(path: str):
+    from synthgen.loading import component_subfolder
     from synthgen.models.denoiser import Denoiser
-    from synthgen.models.loading import component_subfolder
 
     return Denoiser.from_pretrained(path, subfolder=component_subfolder(path, "transformer")).eval()
 

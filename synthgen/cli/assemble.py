@@ -31,9 +31,9 @@ def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet, mpp):
     """Put a trained denoiser, its VAE, image encoder and mask branch into one SynthPipeline folder."""
 
     from synthgen.encoders.ssl import SSLEncoder
+    from synthgen.loading import component_subfolder
     from synthgen.models.controlnet import MaskControlNet
     from synthgen.models.denoiser import Denoiser
-    from synthgen.models.loading import component_subfolder
     from synthgen.models.vae import StrictAutoencoderKL
     from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.sampling import make_scheduler

@@ -33,7 +33,7 @@ def load_encoder(spec: str, device: str | torch.device = "cpu") -> Callable[[tor
     source, _, opt_text = source.partition("#")
     opts = _options(spec, opt_text, {"vae": ("subfolder",), "timm": ("grid",), "hf": ("grid",)}.get(kind, ()))
     if kind == "vae":
-        from synthgen.models.loading import component_subfolder
+        from synthgen.loading import component_subfolder
         from synthgen.models.vae import VAE
 
         subfolder = opts.get("subfolder") or component_subfolder(source, "vae")

@@ -26,7 +26,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from synthgen.encoders.base import ImageEncoder, to_unit_range
-from synthgen.models.loading import StrictLoadMixin
+from synthgen.loading import StrictLoadMixin
 
 
 def _norm(c: int) -> nn.GroupNorm:

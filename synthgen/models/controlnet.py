@@ -31,7 +31,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from synthgen.errors import MaskError
-from synthgen.models.loading import StrictLoadMixin
+from synthgen.loading import StrictLoadMixin
 
 _BLOCK_KEYS = ("num_attention_heads", "attention_head_dim", "dropout", "cross_attention_dim", "activation_fn",
                "num_embeds_ada_norm", "attention_bias", "upcast_attention", "norm_type", "norm_elementwise_affine",

@@ -47,7 +47,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (pipelines 
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from torch import nn
 
-from synthgen.models.loading import StrictLoadMixin
+from synthgen.loading import StrictLoadMixin
 
 _LABEL_KEYS = ("class_labels", "source_labels")  # integer conditions: their nulls are ids, not values
 

@@ -19,7 +19,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from synthgen.models.loading import StrictLoadMixin
+from synthgen.loading import StrictLoadMixin
 
 
 def _time_features(t: torch.Tensor, dim: int) -> torch.Tensor:

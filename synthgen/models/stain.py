@@ -54,7 +54,7 @@ class StainTranslator(EmbeddingPrior):
         out = []
         for s in stains:
             if isinstance(s, str):
-                from synthgen.data.pairs import resolve_stain
+                from synthgen.stains import resolve_stain
 
                 key = resolve_stain(s)
                 if key not in names:

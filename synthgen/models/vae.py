@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (pipelines look it up here)
 from torch import nn
 
-from synthgen.models.loading import StrictLoadMixin
+from synthgen.loading import StrictLoadMixin
 from synthgen.models.presets import vae_config
 
 

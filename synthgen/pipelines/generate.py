@@ -91,7 +91,7 @@ class SynthPipeline(DiffusionPipeline):
         import synthgen.models.controlnet  # noqa: F401
         import synthgen.models.denoiser  # noqa: F401
         import synthgen.models.vae  # noqa: F401
-        from synthgen.models.loading import check_pipeline_folder
+        from synthgen.loading import check_pipeline_folder
 
         if args and Path(args[0]).is_dir():  # a local folder: name a missing or broken component
             check_pipeline_folder(args[0])

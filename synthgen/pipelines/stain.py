@@ -85,10 +85,10 @@ def load_stain(pipeline_dir: str | os.PathLike, stain: str, route: str | None = 
         StainError: unknown stain name, no model for it in this pipeline (lists those there), or
             no model of the asked route.
     """
-    from synthgen.data.pairs import resolve_stain
     from synthgen.models.denoiser import Denoiser
     from synthgen.models.stain import StainTranslator
     from synthgen.pipelines.generate import SynthPipeline
+    from synthgen.stains import resolve_stain
 
     name = resolve_stain(stain)
     folder = Path(pipeline_dir) / "stains" / name
@@ -153,10 +153,10 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
     import shutil
     import tempfile
 
-    from synthgen.data.pairs import resolve_stain
     from synthgen.models.denoiser import Denoiser
     from synthgen.models.stain import StainTranslator
     from synthgen.models.vae import StrictAutoencoderKL
+    from synthgen.stains import resolve_stain
 
     name = resolve_stain(stain)
     pipeline_dir = Path(pipeline_dir)

@@ -134,8 +134,8 @@ class DenoiserTask(Task):
 
     def _pretrained_denoiser(self) -> nn.Module:
         """The denoiser of ``model.pretrained``: a pipeline folder (its ``transformer``) or a model folder."""
+        from synthgen.loading import component_subfolder
         from synthgen.models.denoiser import Denoiser
-        from synthgen.models.loading import component_subfolder
 
         path = self.cfg.model.pretrained
         return Denoiser.from_pretrained(path, subfolder=component_subfolder(path, "transformer"))
@@ -173,7 +173,7 @@ class DenoiserTask(Task):
     @property
     def vae(self):
         if "vae" not in self._frozen and self.cfg.data.vae:
-            from synthgen.models.loading import component_subfolder
+            from synthgen.loading import component_subfolder
             from synthgen.models.vae import VAE
 
             sub = component_subfolder(self.cfg.data.vae, "vae")
@@ -454,7 +454,7 @@ class VAETask(Task):
         self.cfg = cfg
         m = cfg.model
         if m.pretrained:
-            from synthgen.models.loading import component_subfolder
+            from synthgen.loading import component_subfolder
 
             self.net = VAE.from_pretrained(m.pretrained, subfolder=component_subfolder(m.pretrained, "vae"))
         else:
@@ -639,8 +639,8 @@ class TranslatorTask(Task):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         from synthgen.data.cache import CacheDataset
-        from synthgen.data.pairs import resolve_stain
         from synthgen.models.stain import StainTranslator
+        from synthgen.stains import resolve_stain
 
         self.cfg = cfg
         d, m = cfg.data, cfg.model
