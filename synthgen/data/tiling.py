@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthgen._io import atomic_write_text
+from synthgen._io import atomic_path, atomic_write_text
 from synthgen.data.slides import Slide, slide_key
 from synthgen.errors import SynthgenError, TissueError
 
@@ -193,8 +193,7 @@ def write_tile_table(tiles: Iterable[Tile], path: str | os.PathLike, slides: dic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [asdict(t) for t in tiles]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             pa, pq = _pyarrow()
             pq.write_table(pa.Table.from_pylist(rows, schema=_arrow_schema(pa)), tmp)
@@ -203,9 +202,6 @@ def write_tile_table(tiles: Iterable[Tile], path: str | os.PathLike, slides: dic
                 w = csv.DictWriter(f, fieldnames=TILE_COLUMNS)
                 w.writeheader()
                 w.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     if slides is not None:
         atomic_write_text(slides_json_path(path), json.dumps(slides, indent=1, sort_keys=True))
     return path

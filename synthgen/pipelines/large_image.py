@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthgen._io import atomic_path
 from synthgen.config import SAMPLING
 from synthgen.seeding import generator
 
@@ -150,21 +151,15 @@ def write_pyramidal_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float, t
     from PIL import Image
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     levels = [rgb]
     while max(levels[-1].shape[:2]) > tile:
         h, w = levels[-1].shape[:2]
         levels.append(np.asarray(Image.fromarray(levels[-1]).resize((max(1, w // 2), max(1, h // 2)),
                                                                       Image.Resampling.BOX)))
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tw:
-            for i, level in enumerate(levels):
-                res = 1e4 / (mpp * rgb.shape[1] / level.shape[1])  # pixels per centimetre
-                tw.write(level, tile=(tile, tile), photometric="rgb", compression="zlib",
-                         resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1,
-                         software="synthgen")
-        os.replace(tmp, path)
-    except BaseException:  # full disk, Ctrl-C: leave no partial file
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tw:  # no partial file
+        for i, level in enumerate(levels):
+            res = 1e4 / (mpp * rgb.shape[1] / level.shape[1])  # pixels per centimetre
+            tw.write(level, tile=(tile, tile), photometric="rgb", compression="zlib",
+                     resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1,
+                     software="synthgen")
     return path
