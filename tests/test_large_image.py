@@ -33,6 +33,22 @@ def test_canvas_shape_and_reproducibility(pipe):
     assert a.shape == (96, 96, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
 
 
+def test_large_image_in_bf16_is_close_to_fp32(small_pipe):
+    """The canvas samples under the pipeline's autocast (bf16 on CPUs with native bf16) and stays
+    close to fp32, like a tile; guidance_interval reaches the one sampling loop."""
+    from conftest import SMALL
+
+    from synthgen.workflows.generate import embedding_bank
+
+    emb = embedding_bank(SMALL / "bank")[0][:4].reshape(2, 2, 1, -1)
+    kw = dict(size=96, seed=3, num_inference_steps=4, progress=False)
+    fp32 = generate_large(small_pipe, emb, dtype="fp32", **kw).astype(int)
+    bf16 = generate_large(small_pipe, emb, dtype="bf16", **kw).astype(int)
+    assert np.abs(fp32 - bf16).mean() < 3
+    interval = generate_large(small_pipe, emb, dtype="fp32", guidance_interval=(0.5, 1.0), **kw).astype(int)
+    assert np.abs(fp32 - interval).mean() > 0.1  # the first half of the steps ran without guidance
+
+
 def test_embedding_grid_shape_is_checked(pipe):
     with pytest.raises(ValueError, match=r"needs 3x3 windows"):
         generate_large(pipe, torch.randn(2, 2, 1, 32), size=64, progress=False)

@@ -82,7 +82,7 @@ class WindowedDenoiser:
         b, n, win = len(x), len(self.corners), self.win
         crops = torch.cat([x[i : i + 1, :, y : y + win, xx : xx + win] for i in range(b) for y, xx in self.corners])
         flat = {k: v.flatten(0, 1) for k, v in conditions.items()}
-        out = self.model(crops, t.repeat_interleave(n), **flat).sample[:, : self.config.in_channels]
+        out = self.model(crops, t.repeat_interleave(n), **flat).sample[:, : self.config.in_channels].float()
         w = _weights(win, x.device).to(out.dtype)
         acc = torch.zeros(b, out.shape[1], self.canvas, self.canvas, device=x.device, dtype=out.dtype)
         norm = torch.zeros(1, 1, self.canvas, self.canvas, device=x.device, dtype=out.dtype)
@@ -96,7 +96,7 @@ class WindowedDenoiser:
 def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | None = None, seed: int = 0,
                    guidance_scale: float = SAMPLING.guidance, num_inference_steps: int = SAMPLING.steps,
                    class_label: int | None = None, progress: bool = True,
-                   guidance_interval: tuple[float, float] | None = None) -> np.ndarray:
+                   guidance_interval: tuple[float, float] | None = None, dtype: str | None = None) -> np.ndarray:
     """A ``size`` x ``size`` image from a grid of condition embeddings.
 
     Args:
@@ -107,11 +107,14 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
         overlap: window overlap in pixels (default: half a window).
         seed: the canvas noise seed.
         guidance_interval: as for :func:`~synthgen.pipelines.sampling.sample_latents`.
+        dtype: compute precision as for the pipeline call (default: ``pipe.inference_dtype``,
+            ``auto``: bfloat16 autocast where the device has fast bf16).
 
     Returns:
         (size, size, 3) uint8 RGB.
     """
     from synthgen.models.vae import VAE, to_uint8
+    from synthgen.pipelines.precision import autocast, resolve_dtype
     from synthgen.pipelines.sampling import sample_latents
 
     model = pipe.transformer
@@ -135,9 +138,11 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
     conds = {"embeddings": emb.reshape(1, n, *emb.shape[2:]).to(p.device)}
     if cfg.num_classes:
         conds["class_labels"] = torch.full((1, n), class_label if class_label is not None else -1, device=p.device)
-    x = sample_latents(windowed, pipe.scheduler, conds, [generator(seed)], num_inference_steps, guidance_scale,
-                       latent_size=lat, guidance_interval=guidance_interval, progress=progress)
-    image = to_uint8(VAE(pipe.vae).decode(x))[0].permute(1, 2, 0).cpu().numpy()
+    compute = resolve_dtype(pipe.inference_dtype if dtype is None else dtype, p.device)
+    with autocast(compute, p.device):
+        x = sample_latents(windowed, pipe.scheduler, conds, [generator(seed)], num_inference_steps, guidance_scale,
+                           latent_size=lat, guidance_interval=guidance_interval, progress=progress)
+        image = to_uint8(VAE(pipe.vae).decode(x.float()))[0].permute(1, 2, 0).cpu().numpy()
     return image
 
 
