@@ -105,7 +105,7 @@ def run(work: Path | None = None, folds: int = 3, n: int = 32, steps: int = 20, 
     from synthgen.models.prior import EmbeddingPrior
     from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.rare import RareClassSynthesizer
-    from synthgen.training.tasks import _save_grid
+    from synthgen.training.tasks import save_grid
     from synthgen.training.trainer import train
     from synthgen.workflows.generate import embedding_bank
 
@@ -168,7 +168,7 @@ def run(work: Path | None = None, folds: int = 3, n: int = 32, steps: int = 20, 
             print(f"acceptance ({mode}): mean {total:.3f}; " + ", ".join(f"{k} {v:.2f}" for k, v in rates.items()))
     if rows:
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
-        _save_grid(torch.stack(rows), grid, nrow=8)
+        save_grid(torch.stack(rows), grid, nrow=8)
         report["grid"] = str(grid)
     report["summary"] = summary_rows(report, len(names), n, steps)
     return report

@@ -68,14 +68,14 @@ def _run(vae_path: Path, tiles: Path, grid: Path | None, limit: int | None, comp
               "latent_channels": vaes[str(vae_path)].latent_channels, "vae": ours, "bicubic": bicubic,
               "vaes": results, "references": refs, "summary": summary}
     if grid:
-        from synthgen.training.tasks import _save_grid
+        from synthgen.training.tasks import save_grid
 
         n = min(8, len(images))
         pick = torch.linspace(0, len(images) - 1, n).long()
         rows = [images[pick]]
         with torch.no_grad():
             rows += [to_uint8(v.decode(v.encode(images[pick]))) for v in vaes.values()]
-        _save_grid(torch.cat(rows), grid, nrow=n)
+        save_grid(torch.cat(rows), grid, nrow=n)
     return result
 
 

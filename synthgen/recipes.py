@@ -404,11 +404,11 @@ class _Steps:
         import torch
 
         from synthgen.metrics.stain import structure_score
-        from synthgen.training.tasks import _save_grid
+        from synthgen.training.tasks import save_grid
 
         k = min(len(tiles), 8)  # sources above, their virtual IHC below, in pairs of rows
         rows = [r for lo in range(0, len(tiles), k) for r in (tiles[lo : lo + k], images[lo : lo + k]) if len(r) == k]
-        _save_grid(torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2), out / "contact_sheet.png", nrow=k)
+        save_grid(torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2), out / "contact_sheet.png", nrow=k)
         atomic_write_text(out / "structure.json", json.dumps(
             {"route": "spatial" if is_spatial(pipe) else "embedding", **structure_score(tiles, images)}, indent=1))
         if s.real:
@@ -482,7 +482,7 @@ def contact_sheet(tiles: Path, generated: Path, path: Path, n: int = 8) -> Path:
     """PNG: a row of real tiles above rows of synthetic images (up to 3 x ``n``)."""
     import torch
 
-    from synthgen.training.tasks import _save_grid
+    from synthgen.training.tasks import save_grid
     from synthgen.workflows.datasets import image_set
 
     real, synth = image_set(tiles, None), image_set(generated, None)
@@ -492,7 +492,7 @@ def contact_sheet(tiles: Path, generated: Path, path: Path, n: int = 8) -> Path:
     side = rows[0].shape[-1]
     rows = [r if r.shape[-1] == side else torch.nn.functional.interpolate(r[None].float(), size=(side, side))[0]
             .to(torch.uint8) for r in rows]
-    _save_grid(torch.stack(rows), path, nrow=n)
+    save_grid(torch.stack(rows), path, nrow=n)
     return path
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from synthgen.loading import StrictLoadMixin
 
 
-def _time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = 1000.0 * t.float()[:, None] * freqs[None]
@@ -89,7 +89,7 @@ class EmbeddingPrior(StrictLoadMixin, ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Velocity for normalised, flattened embeddings ``x`` (B, D) at times ``t`` (B,) in [0, 1]."""
-        c = self.time(_time_features(t, 128)) + self.classes(self._labels(labels))
+        c = self.time(time_features(t, 128)) + self.classes(self._labels(labels))
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, c)

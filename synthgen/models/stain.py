@@ -14,7 +14,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from synthgen.models.prior import EmbeddingPrior, _time_features
+from synthgen.models.prior import EmbeddingPrior, time_features
 
 
 class StainTranslator(EmbeddingPrior):
@@ -71,7 +71,7 @@ class StainTranslator(EmbeddingPrior):
         if source is None:
             raise ValueError("StainTranslator needs the source (H&E) embeddings")
         s = (source.reshape(len(source), -1).float() - self.source_mean) / self.source_std
-        c = self.time(_time_features(t, 128)) + self.classes(self._labels(labels)) + self.source(s)
+        c = self.time(time_features(t, 128)) + self.classes(self._labels(labels)) + self.source(s)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, c)

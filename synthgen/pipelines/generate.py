@@ -118,7 +118,7 @@ class SynthPipeline(DiffusionPipeline):
         enc = image_encoder or self.image_encoder
         if enc is None:
             raise ValueError("images= needs an image encoder: load a pipeline with one or pass image_encoder=")
-        x = _as_uint8_tensor(images)
+        x = as_uint8_tensor(images)
         with torch.no_grad():
             return enc(x.to(self._execution_device)).float()
 
@@ -381,7 +381,7 @@ class SynthPipeline(DiffusionPipeline):
 
     def _latents_of(self, images, what: str) -> torch.Tensor:
         """VAE latents (mean) of images at the model's size; ``what`` starts the size error."""
-        x = _as_uint8_tensor(images)
+        x = as_uint8_tensor(images)
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"{what} {self.image_size} px (the model's size), got {tuple(x.shape[-2:])}")
         with torch.no_grad():
@@ -474,7 +474,7 @@ def _seeds(seeds, total: int, generator: torch.Generator | None) -> list[int]:
     return [int(s) for s in seeds]
 
 
-def _as_uint8_tensor(images) -> torch.Tensor:
+def as_uint8_tensor(images) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         x = images
     elif isinstance(images, np.ndarray):

@@ -269,9 +269,9 @@ def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inferenc
             trained on tissue and otherwise fill empty glass with stained tissue.
     """
     from synthgen.data.nuclei import segment_nuclei
-    from synthgen.pipelines.generate import _as_uint8_tensor
+    from synthgen.pipelines.generate import as_uint8_tensor
 
-    x = _as_uint8_tensor(images)
+    x = as_uint8_tensor(images)
     size = pipe.image_size
     if tuple(x.shape[-2:]) != (size, size):
         raise StainError(f"source tiles must be {size}x{size} px (the model's tile size at its resolution), "

@@ -39,7 +39,7 @@ def image_dataset(cfg: TrainConfig) -> Dataset:
     return ds
 
 
-def _save_grid(images_uint8: torch.Tensor, path: Path, nrow: int = 8) -> None:
+def save_grid(images_uint8: torch.Tensor, path: Path, nrow: int = 8) -> None:
     """(B, 3, H, W) uint8 -> one PNG grid."""
     import numpy as np
     from PIL import Image
@@ -281,7 +281,7 @@ class DenoiserTask(Task):
         net.eval()
         z, nrow = self._preview_latents(net, conds, n)
         net.train(was_training)
-        _save_grid(to_uint8(self.vae.to(device).decode(z)), path, nrow=nrow)
+        save_grid(to_uint8(self.vae.to(device).decode(z)), path, nrow=nrow)
         return True
 
     def _preview_latents(self, net, conds: dict, n: int) -> tuple[torch.Tensor, int]:
@@ -504,7 +504,7 @@ class VAETask(Task):
             return False
         images = batch["image"]
         recon = to_uint8(net.decode(net.encode(images))).cpu()
-        _save_grid(torch.cat([images.cpu(), recon]), path, nrow=len(images))
+        save_grid(torch.cat([images.cpu(), recon]), path, nrow=len(images))
         return True
 
     def save(self, net, path: Path) -> None:
