@@ -105,7 +105,7 @@ def tiny_pipeline(tmp_path_factory):
 
 
 def test_real_pipeline_deterministic_across_worker_counts(kather, tiny_pipeline):
-    gen = PipelineGenerator(tiny_pipeline, mode="variation", num_inference_steps=3)
+    gen = PipelineGenerator(tiny_pipeline, mode="variations", num_inference_steps=3)
     ds = SynthAugment(Tiles(kather), gen, seed=7)
 
     def run(workers):
@@ -126,7 +126,7 @@ def test_real_pipeline_deterministic_across_worker_counts(kather, tiny_pipeline)
     synth = torch.cat([x[s] for x, _, s in a])
     assert len(synth) == 54 and synth.dtype == torch.uint8 and synth.float().std() > 1
     # device=: the pipeline is moved there once loaded; images come back on the CPU, same cache key
-    on = PipelineGenerator(tiny_pipeline, mode="variation", num_inference_steps=3, device="cpu")
+    on = PipelineGenerator(tiny_pipeline, mode="variations", num_inference_steps=3, device="cpu")
     refs = torch.stack([Tiles(kather)[i][0] for i in range(2)])
     assert torch.equal(on([0, 1], refs, [3, 4]), gen([0, 1], refs, [3, 4]))
     assert on._pipe.device == torch.device("cpu") and on.fingerprint() == gen.fingerprint()
@@ -256,7 +256,7 @@ def test_mask_mode_keeps_the_samples_mask_and_follows_it(cmu_pairs):
     with pytest.raises(SynthgenError, match="mask-guided but the dataset returns no masks"):
         SynthAugment(_NoMasks(cmu_pairs), gen)
     with pytest.raises(SynthgenError, match="mode='mask'"):
-        SynthAugment(Pairs(cmu_pairs), PipelineGenerator(CKPT, mode="variation"))
+        SynthAugment(Pairs(cmu_pairs), PipelineGenerator(CKPT, mode="variations"))
 
 
 class _NoMasks(Pairs):
@@ -293,9 +293,9 @@ def test_disk_cache_reuses_items_and_keeps_other_settings_apart(kather, tmp_path
     with pytest.raises(CacheError, match="other settings"):
         SynthAugment(Tiles(kather), gen, seed=1, cache_dir=tmp_path)
     # the pipeline generator's key covers its model files and sampling settings
-    a = PipelineGenerator(CKPT, mode="variation", num_inference_steps=8)
-    assert a.fingerprint() == PipelineGenerator(CKPT, mode="variation", num_inference_steps=8).fingerprint()
-    assert a.fingerprint() != PipelineGenerator(CKPT, mode="variation", num_inference_steps=4).fingerprint()
+    a = PipelineGenerator(CKPT, mode="variations", num_inference_steps=8)
+    assert a.fingerprint() == PipelineGenerator(CKPT, mode="variations", num_inference_steps=8).fingerprint()
+    assert a.fingerprint() != PipelineGenerator(CKPT, mode="variations", num_inference_steps=4).fingerprint()
 
 
 def _ddp_rank(rank, kather, cache_dir, out):
@@ -404,7 +404,7 @@ def test_background_fill_runs_while_a_loader_reads_the_cache(kather, tmp_path):
 
 
 def test_background_fill_matches_synchronous_pipeline_items(kather, tiny_pipeline, tmp_path):
-    gen = PipelineGenerator(tiny_pipeline, mode="variation", num_inference_steps=3)
+    gen = PipelineGenerator(tiny_pipeline, mode="variations", num_inference_steps=3)
     policy = SynthPolicy({1: 0.5, 2: 1.0})  # 12 synthetic items
     sync = SynthAugment(Tiles(kather), gen, policy, seed=2, cache_dir=tmp_path / "sync")
     back = SynthAugment(Tiles(kather), gen, policy, seed=2, cache_dir=tmp_path / "back")

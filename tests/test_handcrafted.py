@@ -166,7 +166,7 @@ def tiny_pipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     torch.manual_seed(0)
     SynthPipeline(Denoiser(**denoiser_config("tiny")).eval(), VAE.from_preset("tiny").model.eval(),
-                  make_scheduler("epsilon"), image_encoder=SSLEncoder(**encoder_config("tiny")).eval()
+                  make_scheduler("epsilon"), image_encoder=SSLEncoder(**encoder_config("tiny")).eval(), mpp=2.0
                   ).save_pretrained(root / "pipe")
     return root / "pipe"
 
@@ -183,7 +183,7 @@ def test_generate_filter_rejects_unrealistic_images_and_reports_it(cmu_sets, tin
     ref = _folder(left[:40], tmp_path / "ref")
     out = tmp_path / "out"
     run_cli(["generate", str(tiny_pipe), "-o", str(out), "-n", "4", "--images", str(_folder(right[:4], tmp_path / "c")),
-             "--filter", "--realism-ref", str(ref), "--steps", "2", "--batch-size", "4"])
+             "--image-mpp", "1.0", "--filter", "--realism-ref", str(ref), "--steps", "2", "--batch-size", "4"])
     printed = capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
     r = m["realism"]

@@ -80,3 +80,33 @@ def test_a_cache_from_before_the_scale_was_stored_still_resumes(cmu, tmp_path):
     cfg.write_text(json.dumps(old))
     run_cli(args)  # no "another configuration" error
     assert CacheDataset(tmp_path / "cache").mpp is None
+
+
+def test_generate_refuses_references_at_another_scale_unless_told(small_pipe, tmp_path, capsys):
+    """--images at the model's size are taken as they are; other sizes need --image-mpp, which
+    resamples them to the pipeline's scale (1 um/px here) and centre-crops to its 64 px tiles."""
+    from conftest import SMALL
+
+    from synthgen.cli import main
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "big").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(90, 230, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "big" / f"{i}.png")
+    try:
+        main(["generate", str(SMALL), "-o", str(tmp_path / "o1"), "-n", "2", "--images", str(tmp_path / "big"),
+              "--steps", "1"])
+    except SystemExit as e:
+        assert e.code == 1
+    err = capsys.readouterr().err
+    assert "128x128 px" in err and "64x64 px tiles at 1 um/px" in err and "--image-mpp" in err
+    assert not (tmp_path / "o1" / "manifest.json").exists()
+    run_cli(["generate", str(SMALL), "-o", str(tmp_path / "o2"), "-n", "2", "--images", str(tmp_path / "big"),
+             "--image-mpp", "0.5", "--steps", "1"])  # 128 px at 0.5 um/px = 64 px at 1 um/px
+    assert len(json.loads((tmp_path / "o2" / "manifest.json").read_text())["items"]) == 2
+    try:
+        main(["generate", str(SMALL), "-o", str(tmp_path / "o3"), "-n", "2", "--images", str(tmp_path / "big"),
+              "--image-mpp", "0.25", "--steps", "1"])  # 32 px at the model's scale: too small
+    except SystemExit as e:
+        assert e.code == 1
+    assert "smaller than its 64 px tiles" in capsys.readouterr().err

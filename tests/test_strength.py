@@ -119,13 +119,13 @@ def test_synth_augment_generator_strength(refs):
 
     dist = {}
     for s in (0.25, 1.0):
-        gen = PipelineGenerator(str(SHIPPED), mode="variation", strength=s)
+        gen = PipelineGenerator(str(SHIPPED), mode="variations", strength=s)
         dist[s] = float((gen([0] * len(refs), refs, list(range(len(refs)))).float() - refs.float()).abs().mean())
         if s == 1.0:  # the default keeps the cache keys of before
-            assert gen.fingerprint() == PipelineGenerator(str(SHIPPED), mode="variation").fingerprint()
+            assert gen.fingerprint() == PipelineGenerator(str(SHIPPED), mode="variations").fingerprint()
     assert dist[0.25] < 0.6 * dist[1.0], dist
     assert PipelineGenerator(str(SHIPPED), strength=0.5).fingerprint() != PipelineGenerator(str(SHIPPED)).fingerprint()
-    with pytest.raises(SynthgenError, match="needs mode='variation'"):
+    with pytest.raises(SynthgenError, match="needs mode='variations'"):
         PipelineGenerator(str(SHIPPED), mode="class", strength=0.5)
     with pytest.raises(SynthgenError, match=r"strength must be in \(0, 1\]"):
         PipelineGenerator(str(SHIPPED), strength=1.5)

@@ -115,7 +115,7 @@ def test_eval_utility_prior_errors_are_named(kather, tmp_path, capsys):
         (part / "09_FOO").mkdir()
         Image.new("RGB", (64, 64)).save(part / "09_FOO" / "x.png")
     for args, message in ((["--mode", "prior"], "'09_FOO' matches no class of the prior"),
-                          (["--mode", "variation", "--prior", str(ckpt / "prior")], "--prior is for --mode prior")):
+                          (["--mode", "variations", "--prior", str(ckpt / "prior")], "--prior is for --mode prior")):
         with pytest.raises(SystemExit) as e:
             main(["eval", "utility", str(train), str(test), "--pipeline", str(ckpt), "--seeds", "1", *args])
         assert e.value.code != 0 and message in capsys.readouterr().err

@@ -27,7 +27,11 @@ from synthgen.config import SAMPLING
                    "[default with --class or --filter: PIPELINE/bank when it exists].")
 @click.option("--embedding-key", default="emb", show_default=True, help="Name of the embeddings in the cache.")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of reference images: variations of them (encoded with the pipeline's image encoder).")
+              help="Folder of reference images: variations of them (encoded with the pipeline's image encoder). "
+                   "Tiles at the model's size are used as they are; others need --image-mpp.")
+@click.option("--image-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolution (um/px) of the --images: they are resampled to the pipeline's scale and "
+                   "centre-cropped to its tile size.")
 @click.option("--class", "label", default=None, metavar="ID|NAME",
               help="Class to generate (rare-class modes, class models): an id, or a class name of the prior/bank "
                    "(e.g. TUMOR with the default pipeline).")
@@ -68,8 +72,8 @@ from synthgen.config import SAMPLING
 @click.option("--controlnet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Mask branch folder to use instead of the pipeline's own controlnet/.")
 @force_option()
-def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, label, prior_dir, use_filter,
-             realism_ref, guidance, steps, fast, strength, sampler, dtype, seed, batch_size, masks_dir, controlnet,
+def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_dir, image_mpp, label, prior_dir,
+             use_filter, realism_ref, guidance, steps, fast, strength, sampler, dtype, seed, batch_size, masks_dir, controlnet,
              force):
     """Generate a synthetic dataset with PIPELINE (a SynthPipeline folder).
 
@@ -84,7 +88,7 @@ def generate(pipeline, out, num_images, mode, cache_dir, embedding_key, images_d
     from synthgen.workflows.generate import generate as run_generate
 
     job = GenerateJob(pipeline=pipeline, out=out, n=num_images, mode=mode, cache_dir=cache_dir,
-                      embedding_key=embedding_key, images_dir=images_dir, label=label, prior_dir=prior_dir,
+                      embedding_key=embedding_key, images_dir=images_dir, image_mpp=image_mpp, label=label, prior_dir=prior_dir,
                       use_filter=use_filter, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
                       batch_size=batch_size, masks_dir=masks_dir, controlnet=controlnet, realism_ref=realism_ref,
                       strength=strength, dtype=dtype, fast=fast)

@@ -18,7 +18,8 @@ class GenerateJob:
 
     ``mode``: one of :data:`synthgen.config.GENERATION_MODES` (None: variations with a bank or
     images, else class). ``cache_dir``: real embeddings (default: the pipeline's ``bank/`` when a
-    class, the filter or a bank mode needs one); ``images_dir``: reference tiles instead; ``label``:
+    class, the filter or a bank mode needs one); ``images_dir``: reference tiles instead (at the model's size, or any size with their resolution
+    ``image_mpp``: resampled to the pipeline's scale); ``label``:
     a class id or name; ``prior_dir``: default the pipeline's ``prior/``. ``use_filter``: the
     selective filter (class check with a labelled bank, realism check against ``realism_ref`` or
     ``images_dir``). ``masks_dir``: condition label maps (image i gets mask i mod M), written beside
@@ -33,6 +34,7 @@ class GenerateJob:
     cache_dir: Path | None = None
     embedding_key: str = "emb"
     images_dir: Path | None = None
+    image_mpp: float | None = None
     label: int | str | None = None
     prior_dir: Path | None = None
     use_filter: bool = False
@@ -95,7 +97,47 @@ def shipped(pipeline, name: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, seed: int):
+def reference_tiles(pipe, images_dir: Path, image_mpp: float | None = None) -> torch.Tensor:
+    """The reference tiles of ``images_dir`` as uint8 (N, 3, S, S) at the model's tile size S and scale.
+
+    Tiles of the model's size are taken as they are. Others need their resolution ``image_mpp``:
+    they are resampled to the pipeline's scale (:attr:`SynthPipeline.mpp`) and centre-cropped to S;
+    without it they are refused, since resizing them would change the scale the model sees.
+
+    Raises:
+        SynthgenError: images of another size without ``image_mpp``, a pipeline without a recorded
+            scale, or images too small at the model's scale.
+    """
+    from synthgen.data.datasets import ImageListDataset
+
+    side = pipe.image_size
+    if image_mpp is None:
+        ds = ImageListDataset.from_folder(images_dir)
+        sizes = sorted({tuple(ds[i]["image"].shape[-2:]) for i in range(len(ds))})
+        if sizes != [(side, side)]:
+            scale = f" at {pipe.mpp:g} um/px" if pipe.mpp else ""
+            raise SynthgenError(f"--images {images_dir}: images of {', '.join(f'{h}x{w}' for h, w in sizes)} px; the "
+                                f"model takes {side}x{side} px tiles{scale}. Pass --image-mpp (their resolution) to "
+                                "resample them to the model's scale, or tile them at it (synthgen tile)")
+    else:
+        if pipe.mpp is None:
+            raise SynthgenError("--image-mpp: the pipeline records no scale to resample to (model_index.json has no "
+                                "mpp; reassemble it with `synthgen assemble --mpp`)")
+        ds = ImageListDataset.from_folder(images_dir, image_mpp=image_mpp, mpp=pipe.mpp)
+    out = []
+    for i in range(len(ds)):
+        im = ds[i]["image"]
+        h, w = im.shape[-2:]
+        if h < side or w < side:
+            raise SynthgenError(f"--images {images_dir}: image {i} is {h}x{w} px at the model's scale, smaller than "
+                                f"its {side} px tiles")
+        y, x = (h - side) // 2, (w - side) // 2
+        out.append(im[:, y : y + side, x : x + side])
+    return torch.stack(out)
+
+
+def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, seed: int,
+               image_mpp: float | None = None):
     """The generation plan. ``bank``: (embeddings, labels) or None; ``prior``: an EmbeddingPrior or None."""
     from synthgen.pipelines.jobs import GenerationPlan
     from synthgen.pipelines.rare import interpolate_embeddings
@@ -120,10 +162,8 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
         embs = prior.sample(torch.full((n,), label), generator=generators(seeds, PRIOR)).cpu()  # item i: its seed only
         return GenerationPlan(embs, labels, seeds, "prior")
     if images_dir is not None:
-        from synthgen.data.datasets import ImageListDataset
 
-        ds = ImageListDataset.from_folder(images_dir, size=pipe.image_size)
-        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        images = reference_tiles(pipe, images_dir, image_mpp)
         refs = pipe.encode_images(images).cpu()
         pick = torch.randint(0, len(refs), (n,), generator=g)
         return GenerationPlan(refs[pick], labels, seeds, "variations", references=images,
@@ -251,7 +291,7 @@ def generate(job: GenerateJob) -> Path | None:
     if job.fast and why_not_fast:
         raise SynthgenError(f"--fast: {why_not_fast}")
     used_fast = why_not_fast is None
-    plan = build_plan(pipe, job.n, mode, bank, job.images_dir, label, prior, job.seed)
+    plan = build_plan(pipe, job.n, mode, bank, job.images_dir, label, prior, job.seed, job.image_mpp)
     if mask_files is not None:
         plan.masks = [mask_files[i % len(mask_files)] for i in range(len(plan))]
     reference = realism_reference(realism_source, pipe.image_size) if realism_source is not None else None
