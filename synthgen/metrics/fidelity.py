@@ -81,7 +81,15 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]
 
 def bootstrap(metric: Callable[[torch.Tensor, torch.Tensor], float], real: torch.Tensor, fake: torch.Tensor,
               n: int = 100, level: float = 0.95, generator: torch.Generator | None = None) -> tuple[float, float, float]:
-    """(value on the full sets, lower, upper) percentile interval from ``n`` resamples of both sets."""
+    """(value on the full sets, lower, upper): a bias-corrected percentile interval from ``n``
+    resamples of both sets.
+
+    Resampling with replacement duplicates items, which shrinks a set's spread and biases a
+    Frechet distance upward (on 40 items in 16 dimensions the plain percentile interval lay wholly
+    above the full-set value). The percentiles are therefore shifted by the bootstrap estimate of
+    the bias, mean(resampled) - value (Efron & Tibshirani 1993, ch. 10), so the interval describes
+    the spread around the full-set value.
+    """
     g = generator or torch.Generator().manual_seed(0)
     value = metric(real, fake)
     vals = []
@@ -90,7 +98,8 @@ def bootstrap(metric: Callable[[torch.Tensor, torch.Tensor], float], real: torch
         fi = torch.randint(0, len(fake), (len(fake),), generator=g)
         vals.append(metric(real[ri], fake[fi]))
     lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(value), float(lo), float(hi)
+    bias = float(np.mean(vals)) - float(value)
+    return float(value), float(lo - bias), float(hi - bias)
 
 
 def fidelity_report(real: torch.Tensor, fake: torch.Tensor, real_labels=None, fake_labels=None, k: int = 5,
