@@ -113,6 +113,8 @@ def reference_tiles(pipe, images_dir: Path, image_mpp: float | None = None) -> t
     side = pipe.image_size
     if image_mpp is None:
         ds = ImageListDataset.from_folder(images_dir)
+        if len(ds) == 0:
+            raise SynthgenError(f"--images {images_dir}: no images")
         sizes = sorted({tuple(ds[i]["image"].shape[-2:]) for i in range(len(ds))})
         if sizes != [(side, side)]:
             scale = f" at {pipe.mpp:g} um/px" if pipe.mpp else ""
