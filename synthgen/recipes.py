@@ -372,20 +372,18 @@ class _Steps:
         import numpy as np
         from PIL import Image
 
-        from synthgen.pipelines.stain import is_spatial, load_stain, virtual_stain
-        from synthgen.seeding import item_seeds
+        from synthgen.pipelines.stain import is_spatial
+        from synthgen.workflows.stain import StainJob, load, read_tile_folder, stain_tiles
 
         s = self.r.stain
         if s.structure and s.route == "spatial":
             raise ConfigError("stain.structure: the mask branch is for route: embedding; the spatial route keeps "
                               "the source's layout by itself (drop structure)")
-        pipe, translator = load_stain(s.pipeline, s.to, route="embedding" if s.structure else s.route)
+        job = StainJob(to=s.to, out=self.out / "stain", pipeline=Path(s.pipeline), route=s.route, structure=s.structure,
+                       image_guidance=s.image_guidance, steps=s.steps, guidance=s.guidance, seed=s.seed)
+        pipe, translator = load(job)
         if s.source:
-            from synthgen.data.slides import IMAGE_SUFFIXES
-
-            files = sorted(p for p in Path(s.source).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            names = [str(f.relative_to(s.source).with_suffix(".png")) for f in files]
-            tiles = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+            tiles, names = read_tile_folder(Path(s.source))
         else:
             from synthgen.data.datasets import PatchDataset
 
@@ -393,9 +391,7 @@ class _Steps:
             idx = np.random.default_rng(s.seed).permutation(len(ds))[: s.n]
             names = [f"{int(i):06d}.png" for i in idx]
             tiles = np.stack([ds[int(i)]["image"].permute(1, 2, 0).numpy() for i in idx])
-        images = virtual_stain(pipe, translator, tiles, s.to, seeds=item_seeds(s.seed, len(tiles)),
-                               num_inference_steps=s.steps, guidance_scale=s.guidance, structure=s.structure,
-                               image_guidance_scale=s.image_guidance)
+        images = stain_tiles(job, tiles, (pipe, translator))
         out = self.out / "stain"
         for name, src, im in zip(names, tiles, images, strict=True):
             for sub, arr in (("virtual", im), ("source", src)):

@@ -9,8 +9,7 @@ import click
 from synthgen.cli.options import guidance_option, seed_option, steps_option
 from synthgen.data.slides import IMAGE_SUFFIXES
 from synthgen.errors import SynthgenError
-
-DEFAULT_PIPELINE = Path(__file__).resolve().parents[2] / "checkpoints" / "synthgen-small-cmu"
+from synthgen.workflows.stain import DEFAULT_PIPELINE
 
 
 @click.command("stain")
@@ -54,80 +53,28 @@ def stain(source, stain, out, pipeline, structure, x, y, size, mpp, slide_mpp, s
     Ki67 and PanCK; not yet better than --structure, see the model card). Score the output with
     `synthgen eval stain REAL_IHC VIRTUAL_IHC --source SOURCE`.
     """
-    import numpy as np
-    from PIL import Image
+    from synthgen.config import ConfigError
+    from synthgen.errors import StainError
+    from synthgen.workflows.stain import StainJob, load, stain_folder, stain_region
 
-    from synthgen._io import atomic_save_png
-    from synthgen.pipelines.stain import is_spatial, load_stain, virtual_stain
-    from synthgen.seeding import item_seeds
-
+    job = StainJob(to=stain, out=out, pipeline=pipeline or DEFAULT_PIPELINE, route=route, structure=structure,
+                   image_guidance=image_guidance, steps=steps, guidance=guidance, seed=seed, glass=glass, x=x, y=y,
+                   size=size, mpp=mpp, slide_mpp=slide_mpp)
     try:
-        pipe, translator = load_stain(pipeline or DEFAULT_PIPELINE, stain, route=route)
-    except SynthgenError as e:
+        loaded = load(job)
+    except StainError as e:
         raise click.BadParameter(str(e), param_hint="--to / --pipeline") from e
-    if structure and is_spatial(pipe):
-        raise click.UsageError(f"--structure: the spatial {stain} translator sees the source image and keeps "
-                               "its layout by itself; drop --structure or use --route embedding")
-    if image_guidance is not None and not is_spatial(pipe):
-        raise click.UsageError(f"--image-guidance guides on the source image: it needs --route spatial (the {stain} "
-                               "model loaded here is the embedding route, which does not see the source)")
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise click.UsageError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        tiles = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]) \
-            if len({Image.open(f).size for f in files}) == 1 else None
-        if tiles is None:
-            raise click.UsageError(f"{source}: images differ in size; virtual staining takes tiles of one size")
-        images = virtual_stain(pipe, translator, tiles, stain, seeds=item_seeds(seed, len(tiles)),
-                               num_inference_steps=steps, guidance_scale=guidance, structure=structure,
-                               image_guidance_scale=image_guidance, glass=glass)
-        for f, im in zip(files, images, strict=True):
-            dest = out / f.relative_to(source).with_suffix(".png")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save_png(im, dest)
-        click.echo(f"{len(files)} virtual {stain} tiles -> {out}")
-        return
-    if structure:
-        raise click.UsageError("--structure works on tiles (a folder); a slide region uses the embedding route")
-    path = _stain_region(pipe, translator, source, stain, out, x, y, size, pipe.resolve_mpp(mpp), slide_mpp, steps,
-                         guidance, seed, glass, image_guidance)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    try:
+        if source.is_dir():
+            n = stain_folder(job, source, loaded)
+            click.echo(f"{n} virtual {stain} tiles -> {out}")
+            return
+        path = stain_region(job, source, loaded)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
     click.echo(f"virtual {stain}, {size}x{size} px -> {path} (+ {path.with_suffix('.png').name})")
-
-
-def _stain_region(pipe, translator, source, stain, out, x, y, size, mpp, slide_mpp, steps, guidance, seed, glass,
-                  image_guidance=None):
-    from PIL import Image
-
-    from synthgen.data.slides import Slide
-    from synthgen.pipelines.large_image import (
-        generate_large,
-        region_embeddings,
-        write_pyramidal_tiff,
-    )
-    from synthgen.pipelines.stain import is_spatial, keep_glass, virtual_stain_region
-    from synthgen.seeding import TRANSLATE, generators, item_seeds
-
-    win = pipe.image_size
-    with Slide(source, mpp=slide_mpp) as s:
-        region = s.read(x, y, size, mpp)
-    if is_spatial(pipe):  # window by window from the source's own pixels, blended over the overlaps
-        image = virtual_stain_region(pipe, translator, region, stain, seed=seed, num_inference_steps=steps,
-                                     guidance_scale=guidance, image_guidance_scale=image_guidance, glass=glass)
-    else:
-        grid = region_embeddings(pipe, region, win // 2)
-        flat = grid.flatten(0, 1)  # one draw per window, from the window's item seed
-        emb = translator.translate(flat, stain, generator=generators(item_seeds(seed, len(flat)), TRANSLATE))
-        grid = emb.reshape(*grid.shape[:2], *emb.shape[1:])
-        image = generate_large(pipe, grid, size, overlap=win // 2, seed=seed, guidance_scale=guidance,
-                               num_inference_steps=steps)
-        if glass:
-            image = keep_glass(region, image)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_pyramidal_tiff(out, image, mpp)
-    Image.fromarray(image).save(out.with_suffix(".png"))
-    return out
 
 
 @click.command("stain")
