@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from synthgen import seeding
 from synthgen.augment.images import as_uint8, like
 from synthgen.config import SAMPLING, resolve_mode
 from synthgen.errors import SynthgenError
-from synthgen.seeding import PRIOR, derived, generator, item_seeds
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class PipelineGenerator:
         self.check_labels(labels)
         out = []
         for c, s in zip(labels, seeds, strict=True):
-            g = generator(derived(s, PRIOR))
+            g = seeding.generator(seeding.derived(s, seeding.PRIOR))
             out.append(self._prior.sample([self.class_map[c]], generator=g).cpu())
         return torch.cat(out)
 
@@ -364,13 +364,13 @@ class SynthAugment(Dataset):
         self.policy = policy or SynthPolicy.balance(self.labels)
         counts = Counter(self.labels)
         extra = self.policy.extra(counts)
-        g = generator(seed)
+        g = seeding.generator(seed)
         members = {c: [i for i, v in enumerate(self.labels) if v == c] for c in extra}
         self.synthetic: list[tuple[int, int, int]] = []  # (label, real index varied, noise seed)
         for c in sorted(extra):
             picks = torch.randint(0, len(members[c]), (extra[c],), generator=g).tolist()
             self.synthetic += [(c, members[c][p], 0) for p in picks]
-        self.synthetic = [(c, ref, s) for (c, ref, _), s in zip(self.synthetic, item_seeds(seed, len(self.synthetic)),
+        self.synthetic = [(c, ref, s) for (c, ref, _), s in zip(self.synthetic, seeding.item_seeds(seed, len(self.synthetic)),
                                                                  strict=True)]
         check = getattr(generator, "check_labels", None)
         if check is not None:

@@ -16,10 +16,10 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from synthgen import seeding
 from synthgen.config import SAMPLING
 from synthgen.pipelines.precision import autocast, resolve_dtype
 from synthgen.pipelines.sampling import CLIP_DENOISED, SAMPLERS, sample_latents, scheduler_for
-from synthgen.seeding import generators
 
 
 @dataclass
@@ -335,7 +335,7 @@ class SynthPipeline(DiffusionPipeline):
             outs, latents = [], []
             for lo in self.progress_bar(range(0, total, batch_size)):
                 hi = min(total, lo + batch_size)
-                gens = generators(seeds[lo:hi])
+                gens = seeding.generators(seeds[lo:hi])
                 part = {k: v[lo:hi].to(device) for k, v in conds.items()}
                 z = sample_latents(model, scheduler, part, gens, num_inference_steps, guidance_scale,
                                    guidance_interval=guidance_interval, guide=guided, clip_denoised=clip_denoised,

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthgen import seeding
 from synthgen._io import atomic_path
 from synthgen.config import SAMPLING
-from synthgen.seeding import generator
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -140,7 +140,7 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
         conds["class_labels"] = torch.full((1, n), class_label if class_label is not None else -1, device=p.device)
     compute = resolve_dtype(pipe.inference_dtype if dtype is None else dtype, p.device)
     with autocast(compute, p.device):
-        x = sample_latents(windowed, pipe.scheduler, conds, [generator(seed)], num_inference_steps, guidance_scale,
+        x = sample_latents(windowed, pipe.scheduler, conds, [seeding.generator(seed)], num_inference_steps, guidance_scale,
                            latent_size=lat, guidance_interval=guidance_interval, progress=progress)
         image = to_uint8(VAE(pipe.vae).decode(x.float()))[0].permute(1, 2, 0).cpu().numpy()
     return image

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from synthgen import seeding
 from synthgen.config import SAMPLING
-from synthgen.seeding import PRIOR, generator, generators, item_seeds
 
 MODES = ("variations", "prior", "interpolation")
 
@@ -135,13 +135,13 @@ class RareClassSynthesizer:
             reference_images: for ``variations`` from images instead of the bank: their
                 embeddings (through the pipeline's encoder) are the conditions.
         """
-        g = generator(seed)
-        seeds = item_seeds(seed, n)
+        g = seeding.generator(seed)
+        seeds = seeding.item_seeds(seed, n)
         if reference_images is not None:
             refs = self.pipe.encode_images(reference_images).cpu()
             conds = refs[torch.randint(0, len(refs), (n,), generator=g)]
         else:  # a prior draws each item's embedding from that item's seed (independent of n)
-            conds = self.conditions(label, n, mode, generators(seeds, PRIOR) if mode == "prior" else g)
+            conds = self.conditions(label, n, mode, seeding.generators(seeds, seeding.PRIOR) if mode == "prior" else g)
         out = self.pipe(embeddings=conds, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                         seeds=seeds, batch_size=batch_size, output_type="pt")
         accepted = torch.ones(n, dtype=torch.bool)

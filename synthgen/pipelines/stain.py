@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthgen import seeding
 from synthgen.config import SAMPLING
 from synthgen.errors import StainError
-from synthgen.seeding import TRANSLATE, generators, item_seeds
 
 
 def available_stains(pipeline_dir: str | os.PathLike) -> list[str]:
@@ -276,9 +276,9 @@ def virtual_stain(pipe, translator, images, stain: str, seeds=None, num_inferenc
     if tuple(x.shape[-2:]) != (size, size):
         raise StainError(f"source tiles must be {size}x{size} px (the model's tile size at its resolution), "
                          f"got {tuple(x.shape[-2:])}")
-    seeds = item_seeds(0, len(x)) if seeds is None else [int(s) for s in seeds]
+    seeds = seeding.item_seeds(0, len(x)) if seeds is None else [int(s) for s in seeds]
     src = pipe.encode_images(x)
-    emb = translator.translate(src.cpu(), stain, generator=generators(seeds, TRANSLATE))  # a tile: its seed alone
+    emb = translator.translate(src.cpu(), stain, generator=seeding.generators(seeds, seeding.TRANSLATE))  # a tile: its seed alone
     kw = {}
     if is_spatial(pipe):
         if structure:
@@ -333,7 +333,7 @@ def virtual_stain_region(pipe, translator, region: np.ndarray, stain: str, seed:
     for lo in tqdm(range(0, len(corners), batch_size), desc=f"virtual {stain}", disable=not progress, leave=False):
         part = corners[lo : lo + batch_size]
         tiles = np.stack([region[y : y + win, x : x + win] for y, x in part])
-        out = virtual_stain(pipe, translator, tiles, stain, seeds=item_seeds(seed, len(part), start=lo),
+        out = virtual_stain(pipe, translator, tiles, stain, seeds=seeding.item_seeds(seed, len(part), start=lo),
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                             image_guidance_scale=image_guidance_scale, batch_size=batch_size, glass=False)
         for (y, x), im in zip(part, out, strict=True):

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from synthgen import seeding
 from synthgen.config import ConfigError
-from synthgen.seeding import generators
 from synthgen.training.tasks import DenoiserTask
 
 SIGMA_DATA = 0.5
@@ -134,6 +134,6 @@ class ConsistencyTask(DenoiserTask):
         rows = []
         for steps in (1, 2, 4):
             sched = lcm_scheduler(o.num_train_timesteps, o.beta_schedule, o.kind, o.distill_skip)
-            gens = generators(range(n))
+            gens = seeding.generators(range(n))
             rows.append(sample_latents(net, sched, conds, gens, num_steps=steps, guidance_scale=1.0))
         return torch.cat(rows), n

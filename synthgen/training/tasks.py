@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from synthgen import seeding
 from synthgen._io import atomic_write_text
 from synthgen.config import SAMPLING, ConfigError, TrainConfig
 from synthgen.errors import SynthgenError
-from synthgen.seeding import generators
 
 log = logging.getLogger("synthgen.training")
 
@@ -291,7 +291,7 @@ class DenoiserTask(Task):
         o = self.cfg.objective
         sched = make_scheduler(o.kind, "dpm++" if o.kind != "flow" else "flow-euler", o.num_train_timesteps,
                                o.beta_schedule)
-        gens = generators(range(n))
+        gens = seeding.generators(range(n))
         return sample_latents(self.model(net), sched, conds, gens, num_steps=SAMPLING.steps,
                               guidance_scale=SAMPLING.guidance if conds else 1.0), 8
 

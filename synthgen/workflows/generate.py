@@ -141,12 +141,12 @@ def reference_tiles(pipe, images_dir: Path, image_mpp: float | None = None) -> t
 def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, seed: int,
                image_mpp: float | None = None):
     """The generation plan. ``bank``: (embeddings, labels) or None; ``prior``: an EmbeddingPrior or None."""
+    from synthgen import seeding
     from synthgen.pipelines.jobs import GenerationPlan
     from synthgen.pipelines.rare import interpolate_embeddings
-    from synthgen.seeding import PRIOR, generator, generators, item_seeds
 
-    g = generator(seed)  # the plan's condition draws (bank picks, pairs); a prefix of n draws is that of fewer
-    seeds = item_seeds(seed, n)
+    g = seeding.generator(seed)  # the plan's condition draws (bank picks, pairs); a prefix of n draws is that of fewer
+    seeds = seeding.item_seeds(seed, n)
     mode = mode or ("variations" if (bank is not None or images_dir) else "class")
     labels = [label] * n
     if mode == "mask":  # the condition masks alone (null embedding); generate() attaches them
@@ -161,7 +161,7 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
     if mode == "prior":
         if prior is None or label is None:
             raise SynthgenError("--mode prior needs --prior PRIOR_DIR (or a pipeline with prior/) and --class")
-        embs = prior.sample(torch.full((n,), label), generator=generators(seeds, PRIOR)).cpu()  # item i: its seed only
+        embs = prior.sample(torch.full((n,), label), generator=seeding.generators(seeds, seeding.PRIOR)).cpu()  # item i: its seed only
         return GenerationPlan(embs, labels, seeds, "prior")
     if images_dir is not None:
 
@@ -425,13 +425,13 @@ class LargeJob:
 
 def large(job: LargeJob) -> Path:
     """``synthgen large``: one large image as a pyramidal TIFF (+ PNG preview)."""
+    from synthgen import seeding
     from synthgen.pipelines.generate import SynthPipeline
     from synthgen.pipelines.large_image import (
         generate_large,
         region_embeddings,
         write_pyramidal_tiff,
     )
-    from synthgen.seeding import generator
 
     label, size, seed = job.label, job.size, job.seed
     if job.reference is not None and label is not None and not str(label).lstrip("-").isdigit():
@@ -456,7 +456,7 @@ def large(job: LargeJob) -> Path:
             embs = embs[bank_labels == label]
             if len(embs) == 0:
                 raise SynthgenError(f"--class {label}: the cache has no embedding of this class")
-        grid = embs[int(torch.randint(0, len(embs), (1,), generator=generator(seed)))]
+        grid = embs[int(torch.randint(0, len(embs), (1,), generator=seeding.generator(seed)))]
     else:
         raise SynthgenError("synthgen large needs --reference (a slide or image region to re-synthesise) or --cache")
     image = generate_large(pipe, grid, size, overlap=ov_px, seed=seed, guidance_scale=job.guidance,

@@ -63,11 +63,11 @@ def load(job: StainJob):
 
 def stain_tiles(job: StainJob, tiles: np.ndarray, loaded=None) -> np.ndarray:
     """Virtual IHC (N, H, W, 3) uint8 of ``tiles`` (N, H, W, 3) uint8; tile i has item seed i of ``job.seed``."""
+    from synthgen import seeding
     from synthgen.pipelines.stain import virtual_stain
-    from synthgen.seeding import item_seeds
 
     pipe, translator = loaded or load(job)
-    return virtual_stain(pipe, translator, tiles, job.to, seeds=item_seeds(job.seed, len(tiles)),
+    return virtual_stain(pipe, translator, tiles, job.to, seeds=seeding.item_seeds(job.seed, len(tiles)),
                          num_inference_steps=job.steps, guidance_scale=job.guidance, structure=job.structure,
                          image_guidance_scale=job.image_guidance, glass=job.glass)
 
@@ -110,6 +110,7 @@ def stain_region(job: StainJob, source: Path, loaded=None) -> Path:
     translated embeddings of its windows on one canvas (embedding route)."""
     from PIL import Image
 
+    from synthgen import seeding
     from synthgen.data.slides import Slide
     from synthgen.pipelines.large_image import (
         generate_large,
@@ -117,7 +118,6 @@ def stain_region(job: StainJob, source: Path, loaded=None) -> Path:
         write_pyramidal_tiff,
     )
     from synthgen.pipelines.stain import is_spatial, keep_glass, virtual_stain_region
-    from synthgen.seeding import TRANSLATE, generators, item_seeds
 
     if job.structure:
         raise ConfigError("structure (--structure) works on tiles (a folder); a slide region uses the embedding route")
@@ -133,7 +133,7 @@ def stain_region(job: StainJob, source: Path, loaded=None) -> Path:
     else:
         grid = region_embeddings(pipe, region, win // 2)
         flat = grid.flatten(0, 1)  # one draw per window, from the window's item seed
-        emb = translator.translate(flat, job.to, generator=generators(item_seeds(job.seed, len(flat)), TRANSLATE))
+        emb = translator.translate(flat, job.to, generator=seeding.generators(seeding.item_seeds(job.seed, len(flat)), seeding.TRANSLATE))
         grid = emb.reshape(*grid.shape[:2], *emb.shape[1:])
         image = generate_large(pipe, grid, job.size, overlap=win // 2, seed=job.seed, guidance_scale=job.guidance,
                                num_inference_steps=job.steps)
