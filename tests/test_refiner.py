@@ -1,5 +1,7 @@
 """The convolutional refiner after the denoiser's output (U-ViT's 3x3 conv, grown)."""
 
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,21 @@ def test_refiner_round_trips_and_depends_on_the_timestep(tmp_path):
         r = net.refiner
         pred = torch.zeros_like(x)
         assert not torch.allclose(r(x, pred, torch.tensor([1, 1])), r(x, pred, torch.tensor([900, 900])))
+
+
+def test_training_config_adds_a_refiner_to_a_pretrained_denoiser(tmp_path):
+    from synthgen.config import ConfigError, load_train_config
+    from synthgen.training.tasks import DenoiserTask
+
+    _tiny().save_pretrained(tmp_path / "base")
+    def config(name, overrides):
+        cfg = {"task": "denoiser", "steps": 1, "output_dir": str(tmp_path / "o"),
+               "model": {"pretrained": str(tmp_path / "base"), "overrides": overrides}}
+        (tmp_path / name).write_text(json.dumps(cfg))
+        return load_train_config(tmp_path / name)
+
+    task = DenoiserTask(config("c.json", {"refine_channels": 16}))
+    assert task.net.config.refine_channels == 16 and task.net.refiner is not None
+
+    with pytest.raises(ConfigError, match="num_layers'] differ from the pretrained"):
+        DenoiserTask(config("d.json", {"num_layers": 5}))

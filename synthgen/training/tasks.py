@@ -109,10 +109,11 @@ class DenoiserTask(Task):
             net = self._pretrained_denoiser()
             if m.sample_size and m.sample_size != net.config.sample_size:
                 net = net.resized(m.sample_size)
-            extra = set(m.overrides) - {"refine_channels", "refine_depth"}
-            if extra:
-                raise ConfigError(f"model.overrides: {sorted(extra)} cannot change a pretrained denoiser "
-                                  "(only refine_channels / refine_depth, which add a refiner)")
+            changed = sorted(k for k, v in m.overrides.items()
+                             if k not in ("refine_channels", "refine_depth") and net.config.get(k, v) != v)
+            if changed:
+                raise ConfigError(f"model.overrides: {changed} differ from the pretrained denoiser's config and cannot "
+                                  "change it (only refine_channels / refine_depth, which add a refiner)")
             if m.overrides.get("refine_channels") and not net.config.refine_channels:
                 net = Denoiser.with_refiner(net, **m.overrides)
             self._check_names(net)
