@@ -47,8 +47,9 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
     Writes sharded safetensors files with one tensor per encoder, atomically; a killed run
     resumes from the last finished shard. Training reads the cache instead of re-encoding.
     """
+    from synthgen.config import ConfigError
     from synthgen.encoders.load import load_encoder
-    from synthgen.workflows.cache import CacheJob, is_image_csv
+    from synthgen.workflows.cache import CacheJob
     from synthgen.workflows.cache import cache as run_cache
 
     specs, fns = {}, {}
@@ -61,12 +62,11 @@ def cache(source, out, encoders, slides_json, size, image_mpp, mpp, crop, crop_s
         except SynthgenError as e:
             raise click.BadParameter(str(e), param_hint="--encoder") from e
         specs[name] = target
-    if (image_mpp is None) != (mpp is None) or (mpp is not None and not (source.is_dir() or is_image_csv(source))):
-        raise click.UsageError("--image-mpp and --mpp go together, for an image folder or CSV")
-    if crop is None and (crop_stride or dihedral):
-        raise click.UsageError("--crop-stride and --dihedral need --crop")
     job = CacheJob(source=source, out=out, encoders=specs, slides_json=slides_json, size=size, image_mpp=image_mpp,
                    mpp=mpp, crop=crop, crop_stride=crop_stride, dihedral=dihedral, shard_size=shard_size,
                    batch_size=batch_size, num_workers=num_workers, dtype=dtype, force=force)
-    n = run_cache(job, loaded=fns)
+    try:
+        n = run_cache(job, loaded=fns)
+    except ConfigError as e:  # options that do not go together
+        raise click.UsageError(str(e)) from e
     click.echo(f"{n} items cached -> {out}")

@@ -67,6 +67,7 @@ class WindowedDenoiser:
         self.ys, self.xs = window_starts(canvas, win, win - overlap), window_starts(canvas, win, win - overlap)
         self.corners = [(y, x) for y in self.ys for x in self.xs]
         self.canvas = canvas
+        self.weights = _weights(win, next(model.parameters()).device)  # (win, win), float32
 
     def parameters(self):
         return self.model.parameters()
@@ -83,7 +84,7 @@ class WindowedDenoiser:
         crops = torch.cat([x[i : i + 1, :, y : y + win, xx : xx + win] for i in range(b) for y, xx in self.corners])
         flat = {k: v.flatten(0, 1) for k, v in conditions.items()}
         out = self.model(crops, t.repeat_interleave(n), **flat).sample[:, : self.config.in_channels].float()
-        w = _weights(win, x.device).to(out.dtype)
+        w = self.weights
         acc = torch.zeros(b, out.shape[1], self.canvas, self.canvas, device=x.device, dtype=out.dtype)
         norm = torch.zeros(1, 1, self.canvas, self.canvas, device=x.device, dtype=out.dtype)
         for k, (y, xx) in enumerate(self.corners):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from synthgen.errors import SynthgenError
 from synthgen.workflows.datasets import image_set
 
 
@@ -11,18 +12,16 @@ def audit(source: Path, real: Path, encoder_spec: str, threshold: float) -> dict
     """:func:`synthgen.metrics.privacy.memorization_audit` of the items of ``source`` (a generate
     output) against ``real`` (a tile table or image folder), in the feature space of
     ``encoder_spec`` and on thumbnails; folder images are resized to the generated images' side."""
-    import json
-
     import torch
 
-    from synthgen.data.datasets import ImageListDataset
     from synthgen.encoders.load import load_encoder
     from synthgen.metrics.fidelity import extract_features
     from synthgen.metrics.privacy import memorization_audit, thumbnails
 
     source, real = Path(source), Path(real)
-    items = json.loads((source / "manifest.json").read_text())["items"]
-    synth = ImageListDataset([source / it["file"] for it in items])
+    if not (source / "manifest.json").is_file():
+        raise SynthgenError(f"{source / 'manifest.json'}: missing; the audit checks a `synthgen generate` output")
+    synth = image_set(source)  # its manifest's items
     side = synth[0]["image"].shape[-1]
     real_ds = image_set(real, side if real.is_dir() else None)
     enc = load_encoder(encoder_spec)

@@ -56,6 +56,12 @@ def cache(job: CacheJob, progress: bool = True, loaded: Mapping | None = None) -
     from synthgen.encoders.load import load_encoder
     from synthgen.errors import SynthgenError
 
+    source = Path(job.source)
+    image_list = source.is_dir() or is_image_csv(source)
+    if (job.image_mpp is None) != (job.mpp is None) or (job.mpp is not None and not image_list):
+        raise ConfigError("image_mpp and mpp (--image-mpp, --mpp) go together, for an image folder or CSV")
+    if job.crop is None and (job.crop_stride or job.dihedral):
+        raise ConfigError("crop_stride and dihedral (--crop-stride, --dihedral) need crop (--crop)")
     fns = dict(loaded or {})
     for name, spec in job.encoders.items():
         if name in fns:
@@ -64,10 +70,6 @@ def cache(job: CacheJob, progress: bool = True, loaded: Mapping | None = None) -
             fns[name] = load_encoder(spec)
         except SynthgenError as e:
             raise ConfigError(f"encoder {name}={spec}: {e}") from e
-    source = Path(job.source)
-    image_list = source.is_dir() or is_image_csv(source)
-    if (job.image_mpp is None) != (job.mpp is None) or (job.mpp is not None and not image_list):
-        raise ConfigError("image_mpp and mpp go together, for an image folder or CSV")
     kw = {"size": job.size, "image_mpp": job.image_mpp, "mpp": job.mpp}
     if source.is_dir():
         dataset = ImageListDataset.from_folder(source, **kw)
@@ -91,8 +93,6 @@ def cache(job: CacheJob, progress: bool = True, loaded: Mapping | None = None) -
 
         dataset = CropViews(dataset, job.crop, job.crop_stride, job.dihedral)
         fingerprint["crop"] = [job.crop, job.crop_stride, job.dihedral]
-    elif job.crop_stride or job.dihedral:
-        raise ConfigError("crop_stride and dihedral need crop")
     build_cache(dataset, job.out, fns, shard_size=job.shard_size, batch_size=job.batch_size,
                 num_workers=job.num_workers, dtype=getattr(torch, job.dtype), fingerprint=fingerprint,
                 classes=getattr(dataset, "classes", None), force=job.force, mpp=scale, progress=progress)

@@ -63,6 +63,22 @@ def embedding_bank(cache_dir: Path, key: str = "emb"):
     return embs, labels, ds.classes
 
 
+def class_embeddings(embs: torch.Tensor, labels: torch.Tensor | None, label: int | None) -> torch.Tensor:
+    """The bank embeddings of class ``label`` (all of them for None).
+
+    Raises:
+        SynthgenError: a class asked of a bank without labels, or a class with no embeddings.
+    """
+    if label is None:
+        return embs
+    if labels is None:
+        raise SynthgenError("the cache has no labels, so --class cannot select embeddings")
+    embs = embs[labels == label]
+    if len(embs) == 0:
+        raise SynthgenError(f"--class {label}: the cache has no embeddings of this class")
+    return embs
+
+
 def resolve_class(value, names: list[str] | None, where: str) -> int | None:
     """A ``--class`` value (an id, or a class name of ``names``, case-insensitive) as a class id.
 
@@ -115,7 +131,8 @@ def reference_tiles(pipe, images_dir: Path, image_mpp: float | None = None) -> t
         ds = ImageListDataset.from_folder(images_dir)
         if len(ds) == 0:
             raise SynthgenError(f"--images {images_dir}: no images")
-        sizes = sorted({tuple(ds[i]["image"].shape[-2:]) for i in range(len(ds))})
+        images = [ds[i]["image"] for i in range(len(ds))]
+        sizes = sorted({tuple(im.shape[-2:]) for im in images})
         if sizes != [(side, side)]:
             scale = f" at {pipe.mpp:g} um/px" if pipe.mpp else ""
             raise SynthgenError(f"--images {images_dir}: images of {', '.join(f'{h}x{w}' for h, w in sizes)} px; the "
@@ -126,9 +143,9 @@ def reference_tiles(pipe, images_dir: Path, image_mpp: float | None = None) -> t
             raise SynthgenError("--image-mpp: the pipeline records no scale to resample to (model_index.json has no "
                                 "mpp; reassemble it with `synthgen assemble --mpp`)")
         ds = ImageListDataset.from_folder(images_dir, image_mpp=image_mpp, mpp=pipe.mpp)
+        images = [ds[i]["image"] for i in range(len(ds))]
     out = []
-    for i in range(len(ds)):
-        im = ds[i]["image"]
+    for i, im in enumerate(images):
         h, w = im.shape[-2:]
         if h < side or w < side:
             raise SynthgenError(f"--images {images_dir}: image {i} is {h}x{w} px at the model's scale, smaller than "
@@ -172,13 +189,7 @@ def build_plan(pipe, n: int, mode: str | None, bank, images_dir, label, prior, s
                               reference_index=pick.tolist())
     if bank is None:
         raise SynthgenError(f"--mode {mode} needs --cache (the real embeddings) or --images")
-    embs, bank_labels = bank
-    if label is not None:
-        if bank_labels is None:
-            raise SynthgenError("the cache has no labels, so --class cannot select embeddings")
-        embs = embs[bank_labels == label]
-        if len(embs) == 0:
-            raise SynthgenError(f"the cache has no embeddings of class {label}")
+    embs = class_embeddings(*bank, label)
     if mode == "interpolation":
         return GenerationPlan(interpolate_embeddings(embs, n, g), labels, seeds, "interpolation")
     return GenerationPlan(embs[torch.randint(0, len(embs), (n,), generator=g)], labels, seeds, "variations")
@@ -450,12 +461,7 @@ def large(job: LargeJob) -> Path:
     elif job.cache_dir is not None:
         embs, bank_labels, names = embedding_bank(job.cache_dir, job.embedding_key)
         label = resolve_class(label, names, "the cache")
-        if label is not None:
-            if bank_labels is None:
-                raise SynthgenError("the cache has no labels, so --class cannot select embeddings")
-            embs = embs[bank_labels == label]
-            if len(embs) == 0:
-                raise SynthgenError(f"--class {label}: the cache has no embedding of this class")
+        embs = class_embeddings(embs, bank_labels, label)
         grid = embs[int(torch.randint(0, len(embs), (1,), generator=seeding.generator(seed)))]
     else:
         raise SynthgenError("synthgen large needs --reference (a slide or image region to re-synthesise) or --cache")
