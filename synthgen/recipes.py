@@ -373,7 +373,7 @@ class _Steps:
         from PIL import Image
 
         from synthgen.pipelines.stain import is_spatial
-        from synthgen.workflows.stain import StainJob, load, read_tile_folder, stain_tiles
+        from synthgen.workflows.stain import StainJob, load, read_tile_folder, stain_tiles, to_model_scale
 
         s = self.r.stain
         if s.structure and s.route == "spatial":
@@ -391,6 +391,7 @@ class _Steps:
             idx = np.random.default_rng(s.seed).permutation(len(ds))[: s.n]
             names = [f"{int(i):06d}.png" for i in idx]
             tiles = np.stack([ds[int(i)]["image"].permute(1, 2, 0).numpy() for i in idx])
+            tiles = to_model_scale(pipe, tiles, self.r.tile.mpp)  # the stain model may work at another scale
         images = stain_tiles(job, tiles, (pipe, translator))
         out = self.out / "stain"
         for name, src, im in zip(names, tiles, images, strict=True):

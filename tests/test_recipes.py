@@ -38,7 +38,7 @@ def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monk
     assert "mask-guided pairs: 3" in (out / "evaluate" / "summary.md").read_text()
     from PIL import Image
 
-    assert Image.open(out / "evaluate" / "contact_sheet.png").size == (8 * 64, 64 + 64)  # real row + 4 synthetic
+    assert Image.open(out / "evaluate" / "contact_sheet.png").size == (8 * 128, 2 * 128)  # real row + 4 synthetic
     from synthgen.export.writers import verify_export
 
     assert verify_export(out / "export")["ok"]
@@ -47,7 +47,7 @@ def test_quickstart_end_to_end_then_skips_and_reruns_what_changed(tmp_path, monk
     assert "virtual ki67: 2 tiles" in (out / "evaluate" / "summary.md").read_text()
     st = json.loads((out / "stain" / "structure.json").read_text())
     assert st["route"] == "embedding" and st["n"] == 2 and 0 <= st["dice"] <= 1  # with structure: the nuclei kept
-    assert Image.open(out / "stain" / "contact_sheet.png").size == (2 * 64, 2 * 64)  # sources above, virtual below
+    assert Image.open(out / "stain" / "contact_sheet.png").size == (2 * 64, 2 * 64)  # at the stain model's 64 px, 1 um/px
     changed = _small(tmp_path, "generate.seed=3")
     assert [a for *_, a in plan(changed)] == ["skip", "skip"] + ["run"] * 6
     run(changed, echo=lambda *_: None)

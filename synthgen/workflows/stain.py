@@ -72,6 +72,33 @@ def stain_tiles(job: StainJob, tiles: np.ndarray, loaded=None) -> np.ndarray:
                          image_guidance_scale=job.image_guidance, glass=job.glass)
 
 
+def to_model_scale(pipe, tiles: np.ndarray, mpp: float) -> np.ndarray:
+    """``tiles`` (N, H, W, 3) uint8 read at ``mpp`` um/px, at the stain model's scale and tile size.
+
+    They are resampled to :attr:`SynthPipeline.mpp` (box filter down, bicubic up, as
+    :class:`~synthgen.data.datasets.ImageListDataset`) and centre-cropped to its tile size; tiles
+    already at its scale, or a pipeline that records none, are taken as they are.
+
+    Raises:
+        ConfigError: tiles smaller than the model's tile at its scale.
+    """
+    from PIL import Image
+
+    if pipe.mpp is None or abs(pipe.mpp - mpp) < 1e-6:
+        return tiles
+    side, f = pipe.image_size, mpp / pipe.mpp
+    out = []
+    for t in tiles:
+        h, w = max(1, round(t.shape[0] * f)), max(1, round(t.shape[1] * f))
+        if h < side or w < side:
+            raise ConfigError(f"tiles of {t.shape[0]}x{t.shape[1]} px at {mpp:g} um/px are {h}x{w} px at the stain "
+                              f"model's {pipe.mpp:g} um/px, smaller than its {side} px tiles")
+        im = Image.fromarray(t).resize((w, h), Image.Resampling.BOX if f < 1 else Image.Resampling.BICUBIC)
+        y, x = (h - side) // 2, (w - side) // 2
+        out.append(np.asarray(im)[y : y + side, x : x + side])
+    return np.stack(out)
+
+
 def read_tile_folder(folder: Path) -> tuple[np.ndarray, list[str]]:
     """The images of ``folder`` (recursively) as one uint8 array, and their relative names as ``.png``."""
     from PIL import Image
