@@ -90,8 +90,11 @@ def test_spatial_pipeline_needs_sources_and_is_deterministic_per_seed(base, data
     kw = {"images": src, "source_images": src, "num_inference_steps": 3, "output_type": "np"}
     a = spatial(seeds=[5, 6, 7], **kw).images
     np.testing.assert_array_equal(a, spatial(seeds=[5, 6, 7], **kw).images)
-    np.testing.assert_array_equal(a[1:], spatial(seeds=[6, 7], images=src[1:], source_images=src[1:],
-                                                 num_inference_steps=3, output_type="np").images)
+    # in a batch of 2 the same items: equal but for float rounding of batch-size-dependent CPU kernels
+    # (on an AVX2-only CPU 2 of 24576 values differed by 1 grey level)
+    alone = spatial(seeds=[6, 7], images=src[1:], source_images=src[1:], num_inference_steps=3, output_type="np").images
+    diff = np.abs(a[1:].astype(int) - alone.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001, (diff.max(), (diff > 0).mean())
     assert np.abs(a.astype(float) - spatial(seeds=[8, 9, 10], **kw).images).mean() > 1
     with pytest.raises(ValueError, match="pass source_images"):
         spatial(images=src, num_inference_steps=2)
