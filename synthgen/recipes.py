@@ -373,7 +373,13 @@ class _Steps:
         from PIL import Image
 
         from synthgen.pipelines.stain import is_spatial
-        from synthgen.workflows.stain import StainJob, load, read_tile_folder, stain_tiles, to_model_scale
+        from synthgen.workflows.stain import (
+            StainJob,
+            load,
+            read_tile_folder,
+            stain_tiles,
+            to_model_scale,
+        )
 
         s = self.r.stain
         if s.structure and s.route == "spatial":

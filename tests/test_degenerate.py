@@ -33,10 +33,19 @@ import pytest
 import torch
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-small-cmu"
+V2 = CKPT.parent / "synthgen-v2"
 
 GREY_SATURATION, GREY_VALUE, MAX_GREY_FRACTION = 0.2, (0.15, 0.85), 0.25
 BLACK, WHITE, MIN_BLOB = 10, 245, 8
 TISSUE_SATURATION, TISSUE_MAX_VALUE, MIN_TISSUE_FRACTION = 0.2, 0.9, 0.05
+
+
+def tissue_fraction(images: torch.Tensor) -> torch.Tensor:
+    """The fraction of stained-tissue pixels (s >= 0.2 and v < 0.9) of each uint8 (B, 3, H, W) image."""
+    x = images.float() / 255
+    v = x.amax(1)
+    s = (v - x.amin(1)) / v.clamp_min(1e-6)
+    return ((s >= TISSUE_SATURATION) & (v < TISSUE_MAX_VALUE)).float().mean((1, 2))
 
 
 def degeneracy(images: torch.Tensor) -> list[list[str]]:
@@ -48,7 +57,7 @@ def degeneracy(images: torch.Tensor) -> list[list[str]]:
     v = x.amax(1)
     s = (v - x.amin(1)) / v.clamp_min(1e-6)
     grey = ((s < GREY_SATURATION) & (v > GREY_VALUE[0]) & (v < GREY_VALUE[1])).float().mean((1, 2))
-    tissue = ((s >= TISSUE_SATURATION) & (v < TISSUE_MAX_VALUE)).float().mean((1, 2))
+    tissue = tissue_fraction(images)
     reasons = []
     for k, im in enumerate(images.numpy()):
         black, white = im.max(0) <= BLACK, im.min(0) >= WHITE
@@ -189,20 +198,16 @@ def test_v2_pipeline_has_no_degenerate_samples(v2_pipe, tmp_path, data_dir):
     from synthgen.data.splits import build_split_tables
     from synthgen.workflows.generate import build_plan, embedding_bank
 
-    v2 = Path(__file__).resolve().parents[1] / "checkpoints" / "synthgen-v2"
-    embs, labels, _ = embedding_bank(v2 / "bank", "emb")
+    embs, labels, _ = embedding_bank(V2 / "bank", "emb")
     plans = [build_plan(v2_pipe, 8, "variations", (embs, labels), None, None, None, j) for j in range(32)]
     picks = torch.cat([torch.randint(0, len(embs), (8,), generator=seeding.generator(j)) for j in range(32)])
     emb, seeds = torch.cat([p.embeddings for p in plans]), [s for p in plans for s in p.seeds]
     assert torch.equal(emb, embs[picks])  # the bank rows the CLI picked, so each item's reference is known
-    tables = build_split_tables(Path(__file__).resolve().parents[1] / "recipes" / "data" / "default_v2.csv",
+    tables = build_split_tables(V2.parents[1] / "recipes" / "data" / "default_v2.csv",
                                 tmp_path, mpp=0.5, size=128, train_overlap=64)
     ds = PatchDataset(tables["train"])  # the bank is the training table's tiles, in order
     assert len(ds) == len(embs)
-    real = torch.stack([ds[int(i)]["image"] for i in picks])
-    x = real.float() / 255
-    v = x.amax(1)
-    tissue = (((v - x.amin(1)) / v.clamp_min(1e-6) >= TISSUE_SATURATION) & (v < TISSUE_MAX_VALUE)).float().mean((1, 2))
+    tissue = tissue_fraction(torch.stack([ds[int(i)]["image"] for i in picks]))
     images = v2_pipe(embeddings=emb, seeds=seeds, guidance_scale=1.0, num_inference_steps=4, batch_size=64,
                      output_type="pt").images
     reasons = degeneracy(images)

@@ -148,6 +148,13 @@ def _slide_entry(v) -> dict:
     return {"path": str(v), "mpp": None}
 
 
+def resize_image(img, target: tuple[int, int]):
+    """PIL image ``img`` resized to ``target`` (width, height): box filter down, bicubic up."""
+    if img.size == tuple(target):
+        return img
+    return img.resize(tuple(target), Image.Resampling.BOX if img.width > target[0] else Image.Resampling.BICUBIC)
+
+
 class ImageListDataset(Dataset):
     """Images (and optional labels and masks) listed from a folder or a CSV file.
 
@@ -265,8 +272,7 @@ class ImageListDataset(Dataset):
             f = self.image_mpp / self.mpp
             target = (max(1, round(img.width * f)), max(1, round(img.height * f)))
         if target is not None and img.size != target:
-            down = img.width > target[0]
-            img = img.resize(target, Image.Resampling.BOX if down else Image.Resampling.BICUBIC)
+            img = resize_image(img, target)
             if mask is not None:
                 mask = np.asarray(Image.fromarray(mask).resize(target, Image.Resampling.NEAREST))
         item = {"image": _to_tensor(np.asarray(img)), "index": i}

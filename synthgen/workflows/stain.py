@@ -75,14 +75,16 @@ def stain_tiles(job: StainJob, tiles: np.ndarray, loaded=None) -> np.ndarray:
 def to_model_scale(pipe, tiles: np.ndarray, mpp: float) -> np.ndarray:
     """``tiles`` (N, H, W, 3) uint8 read at ``mpp`` um/px, at the stain model's scale and tile size.
 
-    They are resampled to :attr:`SynthPipeline.mpp` (box filter down, bicubic up, as
-    :class:`~synthgen.data.datasets.ImageListDataset`) and centre-cropped to its tile size; tiles
+    They are resampled to :attr:`SynthPipeline.mpp` (:func:`~synthgen.data.datasets.resize_image`,
+    as :class:`~synthgen.data.datasets.ImageListDataset` does) and centre-cropped to its tile size; tiles
     already at its scale, or a pipeline that records none, are taken as they are.
 
     Raises:
         ConfigError: tiles smaller than the model's tile at its scale.
     """
     from PIL import Image
+
+    from synthgen.data.datasets import resize_image
 
     if pipe.mpp is None or abs(pipe.mpp - mpp) < 1e-6:
         return tiles
@@ -93,7 +95,7 @@ def to_model_scale(pipe, tiles: np.ndarray, mpp: float) -> np.ndarray:
         if h < side or w < side:
             raise ConfigError(f"tiles of {t.shape[0]}x{t.shape[1]} px at {mpp:g} um/px are {h}x{w} px at the stain "
                               f"model's {pipe.mpp:g} um/px, smaller than its {side} px tiles")
-        im = Image.fromarray(t).resize((w, h), Image.Resampling.BOX if f < 1 else Image.Resampling.BICUBIC)
+        im = resize_image(Image.fromarray(t), (w, h))
         y, x = (h - side) // 2, (w - side) // 2
         out.append(np.asarray(im)[y : y + side, x : x + side])
     return np.stack(out)
