@@ -7,8 +7,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from synthgen.errors import LockError
@@ -33,7 +35,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     ``suffix`` keeps an extension writers infer the format from (e.g. ``".png"``).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}{suffix}")  # one per writer
     try:
         yield tmp
         os.replace(tmp, path)
@@ -42,6 +44,36 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
             tmp.unlink()
         if isinstance(e, OSError) and e.filename is None:  # ENOSPC from write(): name the file
             e.filename = str(path)
+        raise
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished folder ``tmp`` at ``path``. An existing ``path`` is moved aside first and
+    deleted only once the new folder is in place, so an interruption leaves the old or the new."""
+    tmp, path = Path(tmp), Path(path)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield an empty temporary folder beside ``path``; on success it replaces ``path``
+    (:func:`replace_dir`), on any failure it is removed, so no half-written folder is left."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -45,6 +45,9 @@ def _convert(value: Any, tp, path: str):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return from_dict(tp, value, path)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes / off / on as a boolean
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in typing.get_args(tp)), value)
         if value not in typing.get_args(tp):
             raise ConfigError(f"{path}: {value!r} is not {_type_name(tp)}")
         return value

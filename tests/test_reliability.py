@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthgen._io import LOCK_NAME, OutputLock, atomic_path, atomic_save_png, atomic_write_bytes
+from synthgen._io import LOCK_NAME, OutputLock, atomic_dir, atomic_path, atomic_save_png, atomic_write_bytes
 from synthgen.cli import main, os_error_message
 from synthgen.errors import LockError
 
@@ -72,6 +72,21 @@ def test_atomic_path_removes_a_partial_file_on_any_exception(tmp_path):
     with atomic_path(tmp_path / "x.bin") as tmp:
         tmp.write_bytes(b"whole")
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("half")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (out / "weights").read_text() == "old"
+    with atomic_dir(out) as tmp:
+        assert list(tmp.iterdir()) == [] and tmp.parent == tmp_path
+        (tmp / "weights").write_text("new")
+        assert (out / "weights").read_text() == "old"  # readers see the old folder meanwhile
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (out / "weights").read_text() == "new"
 
 
 def test_generate_on_a_full_disk_keeps_finished_items_and_no_temp_file(tmp_path, monkeypatch, capsys):

@@ -175,6 +175,14 @@ def test_missing_config_fields():
         load_train_config(None, ["steps"])
 
 
+def test_yaml_words_that_read_as_booleans_are_choices():
+    # YAML 1.1 reads a bare `no` as false: `-o mixed_precision=no` is the choice "no", not an error
+    cfg = load_train_config(None, ["task=denoiser", "output_dir=x", "steps=1", "mixed_precision=no"])
+    assert cfg.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision: True is not one of no, fp16, bf16"):
+        load_train_config(None, ["task=denoiser", "output_dir=x", "steps=1", "mixed_precision=yes"])
+
+
 @pytest.mark.parametrize("task,preset", [("vae", "tiny"), ("ssl", "tiny")])
 def test_vae_and_ssl_train_through_the_same_loop(cache, tmp_path, task, preset):
     cfg = load_train_config(None, {

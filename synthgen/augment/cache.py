@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from pathlib import Path
 
 import torch
 
-from synthgen._io import atomic_write_text
+from synthgen._io import atomic_path, atomic_write_text
 from synthgen.errors import CacheError
 
 
@@ -63,11 +62,5 @@ class ItemCache:
         """Store one uint8 (3, H, W) image atomically."""
         from safetensors.torch import save_file
 
-        f = self.path(seed, index)
-        tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # unique per writer
-        try:
+        with atomic_path(self.path(seed, index)) as tmp:  # full disk, Ctrl-C: no partial file
             save_file({"image": image.contiguous()}, tmp)
-            os.replace(tmp, f)
-        except BaseException:  # full disk, Ctrl-C: leave no partial file
-            tmp.unlink(missing_ok=True)
-            raise

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthgen._io import atomic_write_text
+from synthgen._io import atomic_dir, atomic_write_text
 from synthgen.errors import SynthgenError
 
 STATUSES = ("accepted", "rejected", "flagged", "unfiltered")
@@ -161,27 +161,21 @@ def write_gallery(dataset: str | os.PathLike, out: str | os.PathLike, *, page_si
 
     out.parent.mkdir(parents=True, exist_ok=True)
     assets = out.with_name(out.stem + "_files")
-    tmp_assets = assets.with_name(f".{assets.name}.partial")
-    shutil.rmtree(tmp_assets, ignore_errors=True)
     records = []
     n_overlays = 0
     from tqdm.auto import tqdm
 
-    try:
+    with atomic_dir(assets) as tmp_assets:  # a page's overlays appear all at once, or not at all
         for it in tqdm(items, desc="gallery", unit="item", disable=not progress):
             rec = _record(it, man, dataset, out.parent)
             if it.get("mask"):
-                tmp_assets.mkdir(parents=True, exist_ok=True)
                 name = f"{int(it.get('index', len(records))):07d}.png"
                 _write_overlay(dataset / it["mask"], tmp_assets / name)
                 rec["overlay"] = os.path.relpath(assets / name, out.parent).replace(os.sep, "/")
                 n_overlays += 1
             records.append(rec)
-        shutil.rmtree(assets, ignore_errors=True)
-        if n_overlays:
-            tmp_assets.rename(assets)
-    finally:
-        shutil.rmtree(tmp_assets, ignore_errors=True)
+    if not n_overlays:  # no masks: no asset folder
+        shutil.rmtree(assets)
 
     classes = sorted({r["class"] for r in records})
     statuses = {s: sum(r["status"] == s for r in records) for s in STATUSES}

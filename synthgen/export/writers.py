@@ -14,12 +14,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 
-from synthgen._io import OutputLock
+from synthgen._io import OutputLock, atomic_dir
 from synthgen.errors import SynthgenError
 
 FORMATS = ("imagefolder", "webdataset", "hf")
@@ -111,78 +110,72 @@ def export_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str =
             return class_names[label]
         return f"class_{label}"
 
-    tmp = out.with_name(f".{out.name}.partial")
     lock = OutputLock(out, "export", force=force, path=out.with_name(f".{out.name}.lock")).acquire()
     records = []
     masks: dict[int, bytes] = {}
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        data = []
-        for k, it in enumerate(items):
-            f = source / it["file"]
-            if not f.exists():
-                raise SynthgenError(f"{f}: listed in the manifest but missing")
-            raw = f.read_bytes()
-            if it.get("sha256") and _sha(raw) != it["sha256"]:
-                raise SynthgenError(f"{f}: checksum differs from {man_path.name} (modified after generation)")
-            data.append((k, it, _png_bytes(f)))
-            if "mask" in it:  # a mask-guided pair: the condition mask travels with its image
-                m = source / it["mask"]
-                if not m.exists():
-                    raise SynthgenError(f"{m}: mask listed in the manifest but missing")
-                if it.get("mask_sha256") and _sha(m.read_bytes()) != it["mask_sha256"]:
-                    raise SynthgenError(f"{m}: checksum differs from {man_path.name} (modified after generation)")
-                masks[k] = m.read_bytes()
-        if fmt == "imagefolder":
-            for k, it, png in data:
-                rel = f"{name_of(it['label'])}/{k:07d}.png"
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).write_bytes(png)
-                records.append(_record(k, it, rel, _sha(png)))
-                if k in masks:  # segmentation layout: masks/<class>/<k>.png beside images/<class>/<k>.png
-                    mrel = f"masks/{rel}"
-                    (tmp / mrel).parent.mkdir(parents=True, exist_ok=True)
-                    (tmp / mrel).write_bytes(masks[k])
-                    records[-1].update(mask=mrel, mask_sha256=_sha(masks[k]))
-        elif fmt == "webdataset":
-            for s in range(0, len(data), shard_size):
-                rel = f"shard-{s // shard_size:06d}.tar"
-                with tarfile.open(tmp / rel, "w") as tar:
-                    for k, it, png in data[s : s + shard_size]:
-                        meta = json.dumps({"seed": it["seed"], "condition": it["condition"], "label": it["label"]})
-                        parts = [("png", png), ("cls", str(it["label"] if it["label"] is not None else -1).encode()),
-                                 ("json", meta.encode())] + ([("mask.png", masks[k])] if k in masks else [])
-                        for ext, payload in parts:
-                            info = tarfile.TarInfo(f"{k:07d}.{ext}")
-                            info.size, info.mtime = len(payload), 0
-                            tar.addfile(info, io.BytesIO(payload))
-                        records.append(_record(k, it, f"{rel}#{k:07d}.png", _sha(png)))
-                        if k in masks:
-                            records[-1].update(mask=f"{rel}#{k:07d}.mask.png", mask_sha256=_sha(masks[k]))
-        else:
-            _write_parquet(tmp, data, shard_size, class_names, name_of, records, masks)
-        labels = Counter(name_of(r["label"]) for r in records)
-        manifest = {
-            "format": fmt,
-            "num_items": len(records),
-            "classes": dict(sorted(labels.items())),
-            "generator": {k: src.get(k) for k in ("model_sha256", "mode", "guidance_scale", "num_inference_steps",
-                                                  "sampler", "seed", "model_licence")},
-            "recipe_sha256": src.get("recipe_sha256"),
-            "acceptance_rate": src.get("acceptance_rate"),
-            "dropped_rejected": drop_rejected,
-            "privacy_audit": src.get("privacy_audit"),
-            "items": records,
-        }
-        files = sorted({r["file"].split("#")[0] for r in records} | {r["mask"].split("#")[0] for r in records if "mask" in r})
-        manifest["files"] = {f: _sha((tmp / f).read_bytes()) for f in files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        (tmp / "DATASHEET.md").write_text(_datasheet(manifest, licence, purpose))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out) as tmp:
+            data = []
+            for k, it in enumerate(items):
+                f = source / it["file"]
+                if not f.exists():
+                    raise SynthgenError(f"{f}: listed in the manifest but missing")
+                raw = f.read_bytes()
+                if it.get("sha256") and _sha(raw) != it["sha256"]:
+                    raise SynthgenError(f"{f}: checksum differs from {man_path.name} (modified after generation)")
+                data.append((k, it, _png_bytes(f)))
+                if "mask" in it:  # a mask-guided pair: the condition mask travels with its image
+                    m = source / it["mask"]
+                    if not m.exists():
+                        raise SynthgenError(f"{m}: mask listed in the manifest but missing")
+                    if it.get("mask_sha256") and _sha(m.read_bytes()) != it["mask_sha256"]:
+                        raise SynthgenError(f"{m}: checksum differs from {man_path.name} (modified after generation)")
+                    masks[k] = m.read_bytes()
+            if fmt == "imagefolder":
+                for k, it, png in data:
+                    rel = f"{name_of(it['label'])}/{k:07d}.png"
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / rel).write_bytes(png)
+                    records.append(_record(k, it, rel, _sha(png)))
+                    if k in masks:  # segmentation layout: masks/<class>/<k>.png beside images/<class>/<k>.png
+                        mrel = f"masks/{rel}"
+                        (tmp / mrel).parent.mkdir(parents=True, exist_ok=True)
+                        (tmp / mrel).write_bytes(masks[k])
+                        records[-1].update(mask=mrel, mask_sha256=_sha(masks[k]))
+            elif fmt == "webdataset":
+                for s in range(0, len(data), shard_size):
+                    rel = f"shard-{s // shard_size:06d}.tar"
+                    with tarfile.open(tmp / rel, "w") as tar:
+                        for k, it, png in data[s : s + shard_size]:
+                            meta = json.dumps({"seed": it["seed"], "condition": it["condition"], "label": it["label"]})
+                            parts = [("png", png), ("cls", str(it["label"] if it["label"] is not None else -1).encode()),
+                                     ("json", meta.encode())] + ([("mask.png", masks[k])] if k in masks else [])
+                            for ext, payload in parts:
+                                info = tarfile.TarInfo(f"{k:07d}.{ext}")
+                                info.size, info.mtime = len(payload), 0
+                                tar.addfile(info, io.BytesIO(payload))
+                            records.append(_record(k, it, f"{rel}#{k:07d}.png", _sha(png)))
+                            if k in masks:
+                                records[-1].update(mask=f"{rel}#{k:07d}.mask.png", mask_sha256=_sha(masks[k]))
+            else:
+                _write_parquet(tmp, data, shard_size, class_names, name_of, records, masks)
+            labels = Counter(name_of(r["label"]) for r in records)
+            manifest = {
+                "format": fmt,
+                "num_items": len(records),
+                "classes": dict(sorted(labels.items())),
+                "generator": {k: src.get(k) for k in ("model_sha256", "mode", "guidance_scale", "num_inference_steps",
+                                                      "sampler", "seed", "model_licence")},
+                "recipe_sha256": src.get("recipe_sha256"),
+                "acceptance_rate": src.get("acceptance_rate"),
+                "dropped_rejected": drop_rejected,
+                "privacy_audit": src.get("privacy_audit"),
+                "items": records,
+            }
+            files = sorted({r["file"].split("#")[0] for r in records} | {r["mask"].split("#")[0] for r in records if "mask" in r})
+            manifest["files"] = {f: _sha((tmp / f).read_bytes()) for f in files}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            (tmp / "DATASHEET.md").write_text(_datasheet(manifest, licence, purpose))
     finally:
         lock.release()
     return out

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from synthgen._io import atomic_write_text
+from synthgen._io import atomic_dir, atomic_write_text
 from synthgen.errors import CheckpointError
 
 # what a student must share with its pipeline's denoiser to stand in for it
@@ -47,11 +47,9 @@ def add_fast_variant(pipeline: str | os.PathLike, student: str | os.PathLike) ->
     if differ:
         raise CheckpointError(f"{student}: differs from {pipeline}/transformer in {', '.join(differ)}")
     for src, name in ((student, "fast_transformer"), (student / "scheduler", "fast_scheduler")):
-        tmp = pipeline / f".{name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("scheduler") if name == "fast_transformer" else None)
-        shutil.rmtree(pipeline / name, ignore_errors=True)
-        tmp.rename(pipeline / name)
+        with atomic_dir(pipeline / name) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("scheduler") if name == "fast_transformer" else None)
     index = json.loads(index_path.read_text())
     sched_cls = json.loads((student / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     index.update(fast_transformer=["synthgen.models.denoiser", "Denoiser"], fast_scheduler=["diffusers", sched_cls])

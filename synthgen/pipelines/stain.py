@@ -151,8 +151,8 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
             ``lora``/``transformer``, a part that does not load, or the stain exists already.
     """
     import shutil
-    import tempfile
 
+    from synthgen._io import atomic_dir
     from synthgen.models.denoiser import Denoiser
     from synthgen.models.stain import StainTranslator
     from synthgen.models.vae import StrictAutoencoderKL
@@ -182,8 +182,7 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
     except OSError as e:
         raise StainError(f"{translator}: not a StainTranslator model folder ({e})") from e
     (pipeline_dir / "stains").mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=pipeline_dir / "stains"))
-    try:
+    with atomic_dir(dest) as tmp:  # the old folder is deleted only once the new one is in place
         shutil.copytree(translator, tmp / "translator", dirs_exist_ok=True)
         if lora is not None:
             lora = Path(lora)
@@ -207,16 +206,6 @@ def install_stain(pipeline_dir: str | os.PathLike, stain: str, translator: str |
         if vae is not None:
             StrictAutoencoderKL.from_pretrained(vae)
             shutil.copytree(vae, tmp / "vae")
-        old = None
-        if dest.exists():  # moved aside, not deleted, until the new folder is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=pipeline_dir / "stains"))
-            os.replace(dest, old / name)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from synthgen._io import OutputLock
+from synthgen._io import OutputLock, atomic_dir, replace_dir
 from synthgen.config import ConfigError, TrainConfig, to_dict
 from synthgen.errors import SynthgenError
 from synthgen.seeding import epoch_generator, step_generator
@@ -276,12 +276,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop_at: int | None, progress: 
     acc.wait_for_everyone()
     if not interrupted and acc.is_main_process:
         final = out / "model"
-        with _ema_weights(ema, params):
-            tmp = out / ".model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _ema_weights(ema, params), atomic_dir(final) as tmp:
             unwrapped.save(unwrapped.net, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
             _preview(unwrapped, None, params, preview_batch, out / "samples" / f"step-{state.step:07d}.png")
     acc.wait_for_everyone()
     acc.end_training()
@@ -306,8 +302,7 @@ def _save_checkpoint(acc, ckpt_dir: Path, step: int, keep: int) -> None:
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         for old in sorted(ckpt_dir.glob("step-*[0-9]"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
