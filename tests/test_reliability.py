@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthgen._io import LOCK_NAME, OutputLock, atomic_dir, atomic_path, atomic_save_png, atomic_write_bytes
+from synthgen._io import (
+    LOCK_NAME,
+    OutputLock,
+    atomic_dir,
+    atomic_path,
+    atomic_save_png,
+    atomic_write_bytes,
+)
 from synthgen.cli import main, os_error_message
 from synthgen.errors import LockError
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from synthgen.cli.options import mpp_option
+
 
 @click.command()
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Pipeline folder to write.")
@@ -23,10 +25,9 @@ import click
 @click.option("--sampler", type=click.Choice(["dpm++", "ddim", "euler"]), default="dpm++", show_default=True)
 @click.option("--controlnet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Trained mask branch (OUTPUT_DIR/model of a `task: controlnet` run) for mask-guided generation.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Resolution (um/px) of the tiles the denoiser was trained on, recorded in the pipeline so that "
-                   "`synthgen large` and `synthgen stain` read slides at it [default: the training cache's, when "
-                   "it was cached from a tile table].")
+@mpp_option("Resolution (um/px) of the tiles the denoiser was trained on, recorded in the pipeline so that "
+            "`synthgen large` and `synthgen stain` read slides at it [default: the training cache's, when "
+            "it was cached from a tile table].")
 def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet, mpp):
     """Put a trained denoiser, its VAE, image encoder and mask branch into one SynthPipeline folder."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.cli.options import force_option
+from synthgen.cli.options import force_option, mpp_option
 from synthgen.encoders.load import SPEC_HELP
 from synthgen.errors import SynthgenError
 
@@ -23,10 +23,8 @@ from synthgen.errors import SynthgenError
               help="JSON mapping slide keys to paths, when the table's .slides.json side file is elsewhere.")
 @click.option("--size", type=click.IntRange(min=1), default=None,
               help="For a folder of images: resize every image to this square size (batches need equal sizes).")
-@click.option("--image-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="For images: their resolution in um/px; with --mpp, resample them to --mpp (keeps the scale).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="For images: resolution to resample them to (the model's, e.g. 1.0), with --image-mpp.")
+@mpp_option("For images: their resolution in um/px; with --mpp, resample them to --mpp (keeps the scale).", name="--image-mpp")
+@mpp_option("For images: resolution to resample them to (the model's, e.g. 1.0), with --image-mpp.")
 @click.option("--crop", type=click.IntRange(min=1), default=None,
               help="Cache every crop of this size on a grid of --crop-stride instead of whole images.")
 @click.option("--crop-stride", type=click.IntRange(min=1), default=None, help="Grid step of --crop [default: --crop].")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from synthgen.cli.options import audit_threshold_option
 from synthgen.encoders.load import SPEC_HELP
 from synthgen.errors import SynthgenError
 
@@ -160,8 +161,7 @@ def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: i
               help="Bootstrap resamples for the FD confidence interval.")
 @click.option("--audit-against", type=click.Path(exists=True, path_type=Path), default=None,
               help="Training data of the generating model (tile table or image folder): run the memorisation audit.")
-@click.option("--audit-threshold", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
-              help="Flag items nearer to a training item than this fraction of the median real-to-real distance.")
+@audit_threshold_option()
 @click.option("--utility-train", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Utility study: real training images (ImageFolder layout); with --utility-test and --pipeline.")
 @click.option("--utility-test", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.cli.options import force_option
+from synthgen.cli.options import audit_threshold_option, force_option
 
 
 @click.command()
@@ -24,8 +24,7 @@ from synthgen.cli.options import force_option
                    "and gate the export on it.")
 @click.option("--audit-encoder", default=None, metavar="SPEC",
               help="Encoder for the audit's feature space (e.g. ssl:checkpoints/synthgen-small-cmu/image_encoder).")
-@click.option("--audit-threshold", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
-              help="Flag items nearer to a training item than this fraction of the median real-to-real distance.")
+@audit_threshold_option()
 @click.option("--max-flagged", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="Refuse the export when more than this fraction of items is flagged.")
 @click.option("--allow-risk", is_flag=True, help="Export even when the audit flags too many items (recorded).")

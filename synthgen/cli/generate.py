@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from synthgen.cli.options import force_option, guidance_option, seed_option, steps_option
+from synthgen.cli.options import (
+    class_option,
+    force_option,
+    guidance_option,
+    mpp_option,
+    seed_option,
+    steps_option,
+)
 from synthgen.config import SAMPLING
 
 
@@ -29,12 +36,10 @@ from synthgen.config import SAMPLING
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of reference images: variations of them (encoded with the pipeline's image encoder). "
                    "Tiles at the model's size are used as they are; others need --image-mpp.")
-@click.option("--image-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Resolution (um/px) of the --images: they are resampled to the pipeline's scale and "
-                   "centre-cropped to its tile size.")
-@click.option("--class", "label", default=None, metavar="ID|NAME",
-              help="Class to generate (rare-class modes, class models): an id, or a class name of the prior/bank "
-                   "(e.g. TUMOR with the default pipeline).")
+@mpp_option("Resolution (um/px) of the --images: they are resampled to the pipeline's scale and "
+            "centre-cropped to its tile size.", name="--image-mpp")
+@class_option("Class to generate (rare-class modes, class models): an id, or a class name of the prior/bank "
+              "(e.g. TUMOR with the default pipeline).")
 @click.option("--prior", "prior_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Embedding prior folder (for --mode prior) [default: PIPELINE/prior when it exists].")
 @click.option("--filter", "use_filter", is_flag=True,

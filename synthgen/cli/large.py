@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from synthgen.cli.options import guidance_option, seed_option, steps_option
+from synthgen.cli.options import (
+    class_option,
+    guidance_option,
+    mpp_option,
+    seed_option,
+    steps_option,
+)
 
 
 @click.command()
@@ -19,18 +25,15 @@ from synthgen.cli.options import guidance_option, seed_option, steps_option
                    "conditioned on the embedding of the matching real crop.")
 @click.option("--x", type=int, default=0, show_default=True, help="Region left edge, level-0 pixels.")
 @click.option("--y", type=int, default=0, show_default=True, help="Region top edge, level-0 pixels.")
-@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Level-0 resolution of --reference when its metadata has none.")
+@mpp_option("Level-0 resolution of --reference when its metadata has none.", name="--slide-mpp")
 @click.option("--cache", "cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Without --reference: one embedding (of --class) from this cache conditions every window.")
 @click.option("--embedding-key", default="emb", show_default=True)
-@click.option("--class", "label", default=None, metavar="ID|NAME",
-              help="Class id, or a class name of --cache (cache selection, class-conditional models).")
+@class_option("Class id, or a class name of --cache (cache selection, class-conditional models).")
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Window overlap in pixels [default: half a window].")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Resolution of the model's tiles: read --reference at it and write it into the TIFF "
-                   "[default: the pipeline's recorded scale, else 1.0].")
+@mpp_option("Resolution of the model's tiles: read --reference at it and write it into the TIFF "
+            "[default: the pipeline's recorded scale, else 1.0].")
 @seed_option("Seed of the canvas noise and the --cache embedding draw.")
 @steps_option()
 @guidance_option()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.cli.options import guidance_option, steps_option
+from synthgen.cli.options import guidance_option, mpp_option, steps_option
 from synthgen.data.slides import IMAGE_SUFFIXES
 
 
@@ -31,8 +31,7 @@ _DIAMETER_HELP = "Mean nucleus diameter in pixels [default: 7 um at --mpp]."
 @masks_group.command("nuclei")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Resolution of the images (sets the expected nucleus size).")
+@mpp_option(default=1.0)
 @click.option("--diameter", type=click.FloatRange(min=1, min_open=True), default=None, help=_DIAMETER_HELP)
 @click.option("--overlay", is_flag=True, help="Also write overlays (nucleus outlines on the image) for checking.")
 def masks_nuclei(source, out, mpp, diameter, overlay):
@@ -95,7 +94,7 @@ def _save_overlay(img, mask, path: Path) -> None:
 @click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Mask side in pixels.")
 @click.option("--density", type=click.FloatRange(0, 0.9, max_open=True), default=0.2, show_default=True,
               help="Fraction of the area covered by nuclei.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@mpp_option(default=1.0)
 @click.option("--diameter", type=click.FloatRange(min=1, min_open=True), default=None, help=_DIAMETER_HELP)
 @click.option("--elongation", type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help="Up to this relative ellipticity (0: round nuclei).")
@@ -124,7 +123,7 @@ def masks_procedural(out, num, size, density, mpp, diameter, elongation, seed):
 @click.option("--remove", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="Fraction of nuclei removed.")
 @click.option("--add", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="New nuclei, as a fraction of the current count.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@mpp_option(default=1.0)
 @click.option("--diameter", type=click.FloatRange(min=1, min_open=True), default=None, help=_DIAMETER_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 def masks_augment(source, out, copies, elastic, remove, add, mpp, diameter, seed):

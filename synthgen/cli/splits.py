@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
+from synthgen.cli.options import mpp_option
+
 
 @click.command("splits")
 @click.argument("split_file", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Folder for train.csv, val.csv, test.csv (tile tables with source/label/group columns, "
                    "each with its private .slides.json) and summary.json.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
-              help="Resolution of the tiles in microns per pixel.")
+@mpp_option("Resolution of the tiles in microns per pixel.", default=0.5)
 @click.option("--size", type=click.IntRange(min=1), default=128, show_default=True, help="Tile side in pixels.")
 @click.option("--train-overlap", type=click.IntRange(min=0), default=0, show_default=True,
               help="Overlap of neighbouring training tiles in pixels (validation and test tiles never overlap).")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.cli.options import guidance_option, seed_option, steps_option
+from synthgen.cli.options import guidance_option, mpp_option, seed_option, steps_option
 from synthgen.data.slides import IMAGE_SUFFIXES
 from synthgen.errors import SynthgenError
 from synthgen.workflows.stain import DEFAULT_PIPELINE
@@ -25,11 +25,9 @@ from synthgen.workflows.stain import DEFAULT_PIPELINE
 @click.option("--y", type=int, default=0, show_default=True, help="Slide region top edge, level-0 pixels.")
 @click.option("--size", type=click.IntRange(min=8), default=512, show_default=True,
               help="Slide region side in pixels at --mpp.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Resolution of the model's tiles (the slide region is read at it) [default: the pipeline's "
-                   "recorded scale, else 1.0].")
-@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Level-0 resolution of a slide without it in its metadata.")
+@mpp_option("Resolution of the model's tiles (the slide region is read at it) [default: the pipeline's "
+            "recorded scale, else 1.0].")
+@mpp_option("Level-0 resolution of a slide without it in its metadata.", name="--slide-mpp")
 @steps_option()
 @guidance_option()
 @seed_option("Job seed: tile or window i gets seed*1000000 + i.")

@@ -7,25 +7,25 @@ from pathlib import Path
 
 import click
 
+from synthgen.cli.options import mpp_option
+
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("tiles.csv"), show_default=True,
               help="Tile table to write (.csv, or .parquet with the 'parquet' extra). A private side file "
                    "<out>.slides.json maps slide keys to the slide paths.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
-              help="Resolution of the tiles in microns per pixel (0.5 ~ 20x, 0.25 ~ 40x).")
+@mpp_option("Resolution of the tiles in microns per pixel (0.5 ~ 20x, 0.25 ~ 40x).", default=0.5)
 @click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Tile side in pixels at --mpp.")
 @click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
               help="Overlap of neighbouring tiles in pixels at --mpp (stride = size - overlap).")
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Keep tiles whose tissue fraction is at least this.")
-@click.option("--slide-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Level-0 resolution of the slides, for files without resolution metadata "
-                   "(overrides the metadata when given).")
-@click.option("--mask-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Resolution of the tissue-detection thumbnail [default: a tile spans >= 8 px, at most 8 um/px].")
+@mpp_option("Level-0 resolution of the slides, for files without resolution metadata "
+            "(overrides the metadata when given).", name="--slide-mpp")
+@mpp_option("Resolution of the tissue-detection thumbnail [default: a tile spans >= 8 px, at most 8 um/px].",
+            name="--mask-mpp")
 @click.option("--roi", default=None, metavar="X0,Y0,X1,Y1",
               help="Keep only tiles inside this box, in fractions of each slide's width and height "
                    "(e.g. 0,0,0.67,1 to train and 0.67,0,1,1 to hold out the right third).")
