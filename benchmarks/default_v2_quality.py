@@ -21,7 +21,10 @@ Image- and slide-disjoint from training. ``--split val`` for choices, ``test`` t
    re-segmented with ``synthgen.data.nuclei.segment_nuclei`` and scored against the expert map
    (Dice, object F1 at IoU 0.5). Ceiling: the same pseudo-labeller on the real tile, which is
    weak against expert maps (Dice about 0.4), so the segmenter-free :func:`nuclear_contrast`
-   (hematoxylin inside minus outside the mask's nuclei) is reported beside it.
+   (hematoxylin inside minus outside the mask's nuclei) is reported beside it. ``--mask-scales``
+   compares strengths of the mask branch (``controlnet_conditioning_scale``; choose on ``val``),
+   ``--masks-only`` runs this section alone, ``--skip-masks`` all but it. Beside each arm, the encoder-free FD of its images
+   against the masked real tiles over the floor: what a stronger branch costs in realism.
 4. **Beside the previous default** (``--v1 PIPELINE``, a 64 px model at 1 um/px): both judged at
    1 um/px, the real tiles and the v2 images box-downsampled 2x, v1's variations made from the
    downsampled tiles; the same encoder-free report at the 1 um/px nucleus size.
@@ -94,7 +97,8 @@ def _summary(reports: list[dict]) -> dict:
 
 def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "runs" / "data" / "v2",
         mask_data: Path = REPO / "runs" / "data" / "v2_masks", seeds=(0, 1, 2), steps: int = 12,
-        guidance: float = 2.0, n_splits: int = 10, v1: Path | None = None) -> dict:
+        guidance: float = 2.0, n_splits: int = 10, v1: Path | None = None, mask_scales=(1.0,),
+        masks_only: bool = False, skip_masks: bool = False) -> dict:
     from PIL import Image
     from skimage.segmentation import find_boundaries
     from sklearn.linear_model import LogisticRegression
@@ -116,7 +120,7 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
     pipe.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="pt", batch_size=32)
     timing, sets = {}, {"variations": [], "source-only": []}
-    for s in seeds:
+    for s in seeds if not masks_only else ():
         ids = [s * 100_000 + i for i in range(n)]
         t0 = time.perf_counter()
         sets["variations"].append(pipe(images=real, labels=labels, sources=sources, seeds=ids, **kw).images)
@@ -125,36 +129,38 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
         sets["source-only"].append(pipe(labels=labels, sources=sources, seeds=ids, **kw).images)
         timing.setdefault("source_only_s", []).append(time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
-    f_real = handcrafted_features(real, diameter)
-    feats = {k: [handcrafted_features(x, diameter) for x in v] for k, v in sets.items()}
-    free = {k: _summary([encoder_free_report(real, x, seed=j, n_splits=n_splits, diameter=diameter, real_features=f_real,
-                                             synth_features=f) for j, (x, f) in enumerate(zip(v, feats[k], strict=True))])
-            for k, v in sets.items()}
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
-    ref = encoder_free_report(real, train[pick], seed=0, n_splits=n_splits, diameter=diameter, real_features=f_real)
-    references = {"real training tiles (other images)": ref["ratio_to_floor"],
-                  "real, Gaussian blur sigma 1 px": ref["ratio_blurred"],
-                  "real, stain shift": ref["ratio_color_shifted"], "floor": 1.0}
-    timing["features_s"] = time.perf_counter() - t0
+    free, references, enc_fd, source_acc = {}, {}, {}, {}
+    if not masks_only:
+        t0 = time.perf_counter()
+        f_real = handcrafted_features(real, diameter)
+        feats = {k: [handcrafted_features(x, diameter) for x in v] for k, v in sets.items()}
+        free = {k: _summary([encoder_free_report(real, x, seed=j, n_splits=n_splits, diameter=diameter, real_features=f_real,
+                                                 synth_features=f) for j, (x, f) in enumerate(zip(v, feats[k], strict=True))])
+                for k, v in sets.items()}
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+        ref = encoder_free_report(real, train[pick], seed=0, n_splits=n_splits, diameter=diameter, real_features=f_real)
+        references = {"real training tiles (other images)": ref["ratio_to_floor"],
+                      "real, Gaussian blur sigma 1 px": ref["ratio_blurred"],
+                      "real, stain shift": ref["ratio_color_shifted"], "floor": 1.0}
+        timing["features_s"] = time.perf_counter() - t0
 
-    enc = pipe.image_encoder
-    with torch.no_grad():
-        e_real = enc(real).reshape(n, -1)
-        enc_fd = {k: float(np.mean([float(frechet_distance(e_real, enc(x).reshape(n, -1))) for x in v]))
-                  for k, v in sets.items()}
-        enc_fd["real training tiles (other images)"] = float(frechet_distance(e_real, enc(train[pick]).reshape(n, -1)))
+        enc = pipe.image_encoder
+        with torch.no_grad():
+            e_real = enc(real).reshape(n, -1)
+            enc_fd = {k: float(np.mean([float(frechet_distance(e_real, enc(x).reshape(n, -1))) for x in v]))
+                      for k, v in sets.items()}
+            enc_fd["real training tiles (other images)"] = float(frechet_distance(e_real, enc(train[pick]).reshape(n, -1)))
 
-    f_train = handcrafted_features(train, diameter)
-    scaler = StandardScaler().fit(f_train)
-    clf = LogisticRegression(C=1.0, max_iter=3000).fit(scaler.transform(f_train), train_sources)
-    y = np.array(sources)
-    source_acc = {"real tiles (ceiling)": float((clf.predict(scaler.transform(f_real)) == y).mean())}
-    for k, v in feats.items():
-        source_acc[k] = float(np.mean([(clf.predict(scaler.transform(f)) == y).mean() for f in v]))
+        f_train = handcrafted_features(train, diameter)
+        scaler = StandardScaler().fit(f_train)
+        clf = LogisticRegression(C=1.0, max_iter=3000).fit(scaler.transform(f_train), train_sources)
+        y = np.array(sources)
+        source_acc = {"real tiles (ceiling)": float((clf.predict(scaler.transform(f_real)) == y).mean())}
+        for k, v in feats.items():
+            source_acc[k] = float(np.mean([(clf.predict(scaler.transform(f)) == y).mean() for f in v]))
 
     at_1um = {}
-    if v1 is not None:
+    if v1 is not None and not masks_only:
         down = lambda x: torch.nn.functional.avg_pool2d(x.float(), 2).round().to(torch.uint8)  # noqa: E731
         old = SynthPipeline.from_pretrained(v1)
         old.set_progress_bar_config(disable=True)
@@ -173,26 +179,33 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
 
     hwc = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
     adherence, mask_images, m_real = {}, {}, torch.zeros(0)
-    if pipe.controlnet is not None:  # the mask section needs a mask branch
+    if pipe.controlnet is not None and not skip_masks:  # the mask section needs a mask branch
         m_real, m_labels, m_sources, m_masks = _load(_tables(mask_data, True) / f"{split}.csv")
         seg = lambda im: segment_nuclei(im, diameter=SEG_DIAMETER_PX)  # noqa: E731
-        for s in seeds:
+        f_mreal = handcrafted_features(m_real, diameter)
+        for j, s in enumerate(seeds):
             ids = [s * 100_000 + i for i in range(len(m_real))]
-            arms = {"mask + embedding": dict(images=m_real, masks=m_masks, sources=m_sources),
-                    "embedding, no mask (same seeds)": dict(images=m_real, sources=m_sources),
-                    "mask alone": dict(masks=m_masks)}
+            arms = {"embedding, no mask (same seeds)": dict(images=m_real, sources=m_sources)}
+            for sc in mask_scales:  # the mask branch's strength (controlnet_conditioning_scale)
+                at = "" if sc == 1.0 else f" @ scale {sc:g}"
+                arms[f"mask + embedding{at}"] = dict(images=m_real, masks=m_masks, sources=m_sources,
+                                                     controlnet_conditioning_scale=sc)
+                arms[f"mask alone{at}"] = dict(masks=m_masks, controlnet_conditioning_scale=sc)
             for name, cond in arms.items():
-                ims = hwc(pipe(seeds=ids, **cond, **kw).images)
+                pt = pipe(seeds=ids, **cond, **kw).images
+                ims = hwc(pt)
                 mask_images.setdefault(name, ims)
                 rep = mask_adherence(ims, m_masks, seg)
+                realism = encoder_free_report(m_real, pt, seed=j, n_splits=n_splits, diameter=diameter,
+                                              real_features=f_mreal)["ratio_to_floor"]  # the price of a strong branch
                 adherence.setdefault(name, []).append({k: rep[k] for k in ("dice", "object_f1")} | {
-                    "contrast": nuclear_contrast(ims, m_masks)})
-        keys = ("dice", "object_f1", "contrast")
+                    "contrast": nuclear_contrast(ims, m_masks), "fd_vs_floor": realism})
+        keys = ("dice", "object_f1", "contrast", "fd_vs_floor")
         adherence = {k: {m: float(np.mean([r[m] for r in v])) for m in keys} | {
             "dice_std": float(np.std([r["dice"] for r in v]))} for k, v in adherence.items()}
         ceiling = mask_adherence(hwc(m_real), m_masks, seg)
         adherence["real tile (ceiling)"] = {k: ceiling[k] for k in ("dice", "object_f1")} | {
-            "contrast": nuclear_contrast(hwc(m_real), m_masks)}
+            "contrast": nuclear_contrast(hwc(m_real), m_masks), "fd_vs_floor": 1.0}
 
     g = torch.Generator().manual_seed(0)
     pick = torch.randperm(n, generator=g)[:12].tolist()
@@ -204,14 +217,15 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
             im[find_boundaries(m)] = (0, 255, 0)
         return list(ims)
 
-    rows = [("real", [real[i] for i in pick]), ("variations", [sets["variations"][0][i] for i in pick]),
-            ("source-only", [sets["source-only"][0][i] for i in pick])]
-    if mask_images:
+    rows = [("real", [real[i] for i in pick])] + [(k, [v[0][i] for i in pick]) for k, v in sets.items() if v]
+    if mask_images and "mask alone" in mask_images:
         rows += [("real + mask", outline(hwc(m_real[mpick]), m_masks[mpick])),
                  ("mask + emb", outline(mask_images["mask + embedding"][mpick], m_masks[mpick])),
                  ("mask alone", outline(mask_images["mask alone"][mpick], m_masks[mpick]))]
+        rows += [(k.replace("mask + embedding @ ", "m+e "), list(v[mpick])) for k, v in mask_images.items()
+                 if k.startswith("mask + embedding @")]  # the other strengths, without outlines
     image_grid(rows, tile=128).save(out / "grid.png")
-    for k, v in sets.items():  # the first seed's images, for looking at
+    for k, v in ((k, v) for k, v in sets.items() if v):  # the first seed's images, for looking at
         d = out / k
         d.mkdir(exist_ok=True)
         for i, im in enumerate(v[0]):
@@ -235,12 +249,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=12, help="DPM-Solver++ steps")
     ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--mask-scales", type=float, nargs="+", default=[1.0],
+                    help="strengths of the mask branch to compare (controlnet_conditioning_scale; choose on val)")
+    ap.add_argument("--masks-only", action="store_true", help="only the mask-adherence section")
+    ap.add_argument("--skip-masks", action="store_true", help="no mask-adherence section")
     ap.add_argument("--v1", type=Path, default=None, help="the previous default pipeline, judged beside at 1 um/px "
                     "(e.g. checkpoints/synthgen-small-cmu)")
     a = ap.parse_args()
     out = a.out or REPO / "runs" / "v2_quality" / a.split
     t0 = time.perf_counter()
-    r = run(a.pipeline, out, a.split, a.data, a.mask_data, tuple(a.seeds), a.steps, a.guidance, v1=a.v1)
+    r = run(a.pipeline, out, a.split, a.data, a.mask_data, tuple(a.seeds), a.steps, a.guidance, v1=a.v1,
+            mask_scales=tuple(a.mask_scales), masks_only=a.masks_only, skip_masks=a.skip_masks)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{time.perf_counter() - t0:.0f} s")
     print(f"{r['pipeline']} on {r['split']} ({r['n_tiles']} tiles, {r['n_mask_tiles']} with expert masks), "
@@ -255,14 +274,15 @@ def main() -> None:
           {k: round(v, 3) for k, v in r["source_accuracy"].items()})
     print("mask adherence vs expert masks:")
     for k, v in r["mask_adherence"].items():
-        print(f"  {k:35s} Dice {v['dice']:.3f}  object F1 {v['object_f1']:.3f}  nuclear H contrast {v['contrast']:.3f}")
+        print(f"  {k:35s} Dice {v['dice']:.3f}  object F1 {v['object_f1']:.3f}  nuclear H contrast {v['contrast']:.3f}"
+              f"  encoder-free FD / floor {v['fd_vs_floor']:.2f}x")
     if r["at_1um_per_px"]:
         print("at 1 um/px, encoder-free FD / floor:")
         for k, v in r["at_1um_per_px"].items():
             print(f"  {k:48s} {v['ratio_mean']:7.2f}x" + (f" +- {v['ratio_std']:.2f}" if "ratio_std" in v else ""))
-    v = r["encoder_free"]["variations"]["ratio_mean"]
     print(f"grid: {r['grid']}")
-    print(f"headline: default_v2_variations_vs_floor ratio={1 / v:.4f}")
+    if r["encoder_free"]:
+        print(f"headline: default_v2_variations_vs_floor ratio={1 / r['encoder_free']['variations']['ratio_mean']:.4f}")
 
 
 if __name__ == "__main__":

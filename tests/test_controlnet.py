@@ -123,6 +123,24 @@ def test_pipeline_mask_guided_generation(pipe):
         pipe(embeddings=e, masks=masks[:2], num_inference_steps=2)
 
 
+def test_the_branch_records_the_strength_it_runs_at(pipe, tmp_path):
+    e = torch.randn(2, 1, 32, generator=torch.Generator().manual_seed(0))
+    masks = np.stack([procedural_nuclei(32, 0.3, 4, seed=s) for s in range(2)])
+    kw = dict(embeddings=e, masks=masks, seeds=[1, 2], num_inference_steps=3, output_type="pt")
+    at_1, at_2 = pipe(controlnet_conditioning_scale=1.0, **kw).images, pipe(controlnet_conditioning_scale=2.0, **kw).images
+    assert torch.equal(pipe(**kw).images, at_1) and not torch.equal(at_1, at_2)  # no recorded strength: 1
+    pipe.controlnet.register_to_config(conditioning_scale=2.0)
+    try:
+        pipe.save_pretrained(tmp_path / "p")
+        loaded = SynthPipeline.from_pretrained(tmp_path / "p")
+        loaded.set_progress_bar_config(disable=True)
+        assert loaded.controlnet.config.conditioning_scale == 2.0
+        assert torch.equal(loaded(**kw).images, at_2)  # the recorded strength is the default
+        assert torch.equal(loaded(controlnet_conditioning_scale=1.0, **kw).images, at_1)
+    finally:
+        pipe.controlnet.register_to_config(conditioning_scale=1.0)
+
+
 def test_masks_need_a_controlnet(base):
     p = SynthPipeline(transformer=base, vae=VAE.from_preset("tiny").model.eval(), scheduler=make_scheduler("epsilon"))
     with pytest.raises(ValueError, match="controlnet"):

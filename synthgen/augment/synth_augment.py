@@ -86,7 +86,8 @@ class PipelineGenerator:
             ``{dataset id: prior id or name}``. Classes left out cannot be generated.
         prior: ``prior`` mode: an :class:`~synthgen.models.prior.EmbeddingPrior` or its folder
             (default: the pipeline folder's ``prior/``).
-        controlnet_conditioning_scale: ``mask`` mode: strength of the mask branch.
+        controlnet_conditioning_scale: ``mask`` mode: strength of the mask branch (default: the
+            branch's recorded one).
         strength: ``variation`` mode: below 1, anchored variations (SDEdit): each synthetic image
             starts from its reference's latent noised this fraction of the way, so it keeps the
             reference's layout (and, with a mask dataset, stays near its mask); 1 (default)
@@ -107,7 +108,7 @@ class PipelineGenerator:
     def __init__(self, pipeline, mode: str = "variations", guidance_scale: float = SAMPLING.guidance,
                  num_inference_steps: int | None = None,
                  classes: Sequence[str] | Mapping[int, int | str] | None = None, prior=None,
-                 controlnet_conditioning_scale: float = 1.0, device: str | torch.device | None = None,
+                 controlnet_conditioning_scale: float | None = None, device: str | torch.device | None = None,
                  strength: float = 1.0, dtype: str = "auto"):
         mode = resolve_mode(mode, MODES, "PipelineGenerator mode")
         if not 0 < strength <= 1:

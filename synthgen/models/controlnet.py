@@ -74,6 +74,8 @@ class MaskControlNet(StrictLoadMixin, ModelMixin, ConfigMixin):
         downscale: image pixels per latent pixel (the VAE's factor).
         patch_size, inner_dim, block: the base denoiser's patch size, width and block settings
             (filled by :meth:`from_denoiser`).
+        conditioning_scale: the strength the branch runs at when a call gives none (recorded in
+            its config: chosen on validation for a shipped branch; training uses 1).
 
     Build it with :meth:`from_denoiser` (copies the base blocks' weights), train it with
     ``synthgen train`` (``task: controlnet``), save it as the ``controlnet`` folder of a pipeline.
@@ -98,6 +100,7 @@ class MaskControlNet(StrictLoadMixin, ModelMixin, ConfigMixin):
         norm_elementwise_affine: bool = False,
         norm_eps: float = 1e-6,
         attention_type: str | None = "default",
+        conditioning_scale: float = 1.0,
     ):
         super().__init__()
         inner = num_attention_heads * attention_head_dim

@@ -199,7 +199,7 @@ class SynthPipeline(DiffusionPipeline):
         output_type: str = "pil",
         image_encoder=None,
         masks=None,
-        controlnet_conditioning_scale: float = 1.0,
+        controlnet_conditioning_scale: float | None = None,
         return_dict: bool = True,
         labels=None,
         sources=None,
@@ -248,7 +248,8 @@ class SynthPipeline(DiffusionPipeline):
                 maps for a branch trained on them), one per condition; needs a ``controlnet``.
                 Without other conditions the images are sampled from the mask alone (null
                 embedding, no guidance).
-            controlnet_conditioning_scale: strength of the mask branch (0: ignore the mask).
+            controlnet_conditioning_scale: strength of the mask branch (0: ignore the mask);
+                default: the branch's recorded ``conditioning_scale`` (1 if it has none).
             clip_denoised: bound on every step's denoised latent estimate, in the VAE's normalised
                 (unit-variance) units: c for [-c, c], or (lo, hi) per latent channel; None turns it
                 off (the behaviour before it existed, which let a few seeds run off to latents
@@ -306,7 +307,8 @@ class SynthPipeline(DiffusionPipeline):
                     conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder, labels, sources)
                 conds["mask"] = mask_t
                 n = _same(n, len(mask_t), "masks")
-                model.conditioning_scale = controlnet_conditioning_scale
+                model.conditioning_scale = (controlnet_conditioning_scale if controlnet_conditioning_scale is not None
+                                            else self.controlnet.config.get("conditioning_scale", 1.0))
             else:
                 conds, n = self._conditions(embeddings, images, class_labels, prompts, image_encoder, labels, sources)
             if self.transformer.config.get("source_channels", 0):
