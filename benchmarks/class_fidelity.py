@@ -229,13 +229,13 @@ def main() -> None:
             worst = sorted(v["per_class"].items(), key=lambda kv: kv[1])[:3]
             print(f"  {name:15s} accuracy {v['accuracy']:.3f} +- {v['std']:.3f}  ratio to real {v['ratio']:.2f}  "
                   f"(lowest: {', '.join(f'{c} {a:.2f}' for c, a in worst)})")
+    if "grid" in r:
+        print(f"grid: {r['grid']}")
     for cname in ("handcrafted", "cnn"):
         for name in ("class only", "prior + class"):
             if name in r["classifiers"][cname]:
                 print(f"headline: class_fidelity_{cname}_{name.replace(' + ', '_').replace(' ', '_')} "
                       f"ratio={r['classifiers'][cname][name]['ratio']:.4f}")
-    if "grid" in r:
-        print(f"grid: {r['grid']}")
 
 
 if __name__ == "__main__":

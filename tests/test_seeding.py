@@ -43,6 +43,9 @@ def test_virtual_stain_tile_is_the_same_alone_or_in_a_batch():
     from synthgen.pipelines.stain import load_stain, virtual_stain
 
     pipe, translator = load_stain(SMALL, "ki67")
+    # fp32: bf16 autocast (``auto`` on AVX512-BF16 CPUs) rounds batch-size-dependent kernels to 8
+    # mantissa bits, which moves about 5% of the pixels by 2-9 grey levels; the seeds are the subject here
+    pipe.inference_dtype = "fp32"
     rng = np.random.default_rng(0)
     tiles = rng.integers(120, 230, size=(3, pipe.image_size, pipe.image_size, 3), dtype=np.uint8)
     kw = dict(num_inference_steps=2, glass=False)

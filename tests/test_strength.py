@@ -43,9 +43,10 @@ def test_lower_strength_stays_closer_to_the_reference(pipe, refs):
     assert dist[0.2] < dist[0.6] < dist[1.0], dist
     near = float((_run(pipe, refs, strength=0.2).float() - recon).abs().mean())
     assert near < 0.5 * dist[1.0], (near, dist)
-    # each image depends on its own seed and reference only (batch composition: float rounding only)
-    one = pipe(images=refs[2:3], seeds=[2], num_inference_steps=10, output_type="pt", strength=0.6).images
-    assert (one[0].int() - _run(pipe, refs, strength=0.6)[2].int()).abs().max() <= 2
+    # each image depends on its own seed and reference only (batch composition: float rounding only;
+    # in fp32, as bf16 autocast, the default on AVX512-BF16 CPUs, rounds batch-dependent kernels coarsely)
+    one = pipe(images=refs[2:3], seeds=[2], num_inference_steps=10, output_type="pt", strength=0.6, dtype="fp32").images
+    assert (one[0].int() - _run(pipe, refs, strength=0.6, dtype="fp32")[2].int()).abs().max() <= 2
 
 
 def test_strength_errors_are_clear(pipe, refs):

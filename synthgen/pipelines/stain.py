@@ -39,7 +39,9 @@ from synthgen.errors import StainError
 
 def available_stains(pipeline_dir: str | os.PathLike) -> list[str]:
     root = Path(pipeline_dir) / "stains"
-    return sorted(p.name for p in root.iterdir() if (p / "translator").is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []  # hidden folders are add_stain's work in progress (or an old copy it is replacing)
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "translator").is_dir())
 
 
 @torch.no_grad()
