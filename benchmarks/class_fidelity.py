@@ -107,7 +107,7 @@ def cnn_predict(net: SmallCNN, images: torch.Tensor) -> np.ndarray:
 
 
 def run(pipeline: Path, split: str = "test", data: Path = REPO / "runs" / "data" / "v2", seeds=(0, 1, 2),
-        per_class: int = 8, steps: int = 12, guidance: float = 2.0, cnn_seeds=(0, 1, 2), out: Path | None = None) -> dict:
+        per_class: int = 16, steps: int = 12, guidance: float = 2.0, cnn_seeds=(0, 1, 2), out: Path | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--split", choices=["val", "test"], default="test")
     ap.add_argument("--data", type=Path, default=REPO / "runs" / "data" / "v2")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--per-class", type=int, default=8, help="generated images per class and seed")
+    ap.add_argument("--per-class", type=int, default=16, help="generated images per class and seed")
     ap.add_argument("--steps", type=int, default=12, help="DPM-Solver++ steps")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--cnn-seeds", type=int, nargs="+", default=[0, 1, 2])
