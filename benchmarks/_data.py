@@ -21,6 +21,18 @@ def cmu_split(folder: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
+def v2_tables(folder: Path, masked_only: bool = False) -> Path:
+    """``folder`` with the train / val / test tile tables of the v2 recipes (0.5 um/px, 128 px,
+    training overlap 64, as ``synthgen splits ... --train-overlap 64``), built once if absent;
+    ``masked_only``: only the images with expert nuclei masks (``--masked-only``)."""
+    from synthgen.data.splits import DEFAULT_SPLIT_FILE, build_split_tables
+
+    if not (Path(folder) / "test.csv").exists():
+        build_split_tables(DEFAULT_SPLIT_FILE, folder, mpp=0.5, size=128, train_overlap=64, masked_only=masked_only,
+                           progress=False)
+    return Path(folder)
+
+
 def v2_split(folder: Path, split: str = "test", mpp: float = 0.5, size: int = 128) -> Path:
     """The tile table of one split of the default family's data definition
     (``recipes/data/default_v2.csv``), written into ``folder``."""

@@ -108,18 +108,17 @@ def cnn_predict(net: SmallCNN, images: torch.Tensor) -> np.ndarray:
 
 def run(pipeline: Path, split: str = "test", data: Path = REPO / "runs" / "data" / "v2", seeds=(0, 1, 2),
         per_class: int = 16, steps: int = 12, guidance: float = 2.0, cnn_seeds=(0, 1, 2), out: Path | None = None) -> dict:
+    from _data import v2_tables  # this folder's helper (the script's own directory is on sys.path)
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     from synthgen import seeding
     from synthgen.data.nuclei import nucleus_diameter_px
-    from synthgen.data.splits import DEFAULT_SPLIT_FILE, build_split_tables
     from synthgen.metrics.handcrafted import handcrafted_features
     from synthgen.models.prior import EmbeddingPrior
     from synthgen.pipelines.generate import SynthPipeline
 
-    if not (data / f"{split}.csv").exists():  # as the v2 recipes: synthgen splits ... --train-overlap 64
-        build_split_tables(DEFAULT_SPLIT_FILE, data, mpp=MPP, size=128, train_overlap=64, progress=False)
+    v2_tables(data)
     tr_x, tr_y, classes, _ = labelled(data / "train.csv")
     te_x, te_y, _, te_src = labelled(data / f"{split}.csv")
     pipe = SynthPipeline.from_pretrained(pipeline)
@@ -152,16 +151,18 @@ def run(pipeline: Path, split: str = "test", data: Path = REPO / "runs" / "data"
     t0 = time.perf_counter()
     diameter = nucleus_diameter_px(MPP)
     feat = lambda x: handcrafted_features(x, diameter)  # noqa: E731
-    scaler = StandardScaler().fit(feat(tr_x))
-    lr = LogisticRegression(C=1.0, max_iter=5000).fit(scaler.transform(feat(tr_x)), tr_y)
+    f_train = feat(tr_x)
+    scaler = StandardScaler().fit(f_train)
+    lr = LogisticRegression(C=1.0, max_iter=5000).fit(scaler.transform(f_train), tr_y)
     enc = pipe.image_encoder
 
     def embed(x):
         with torch.no_grad():
             return torch.cat([enc(b).reshape(len(b), -1) for b in x.split(64)]).numpy()
 
-    e_scaler = StandardScaler().fit(embed(tr_x))
-    probe = LogisticRegression(C=1.0, max_iter=5000).fit(e_scaler.transform(embed(tr_x)), tr_y)
+    e_train = embed(tr_x)
+    e_scaler = StandardScaler().fit(e_train)
+    probe = LogisticRegression(C=1.0, max_iter=5000).fit(e_scaler.transform(e_train), tr_y)
     cnns = [train_cnn(tr_x, tr_y, k, seed=c) for c in cnn_seeds]
     timing["classifiers_s"] = time.perf_counter() - t0
     predictors = {
@@ -176,9 +177,11 @@ def run(pipeline: Path, split: str = "test", data: Path = REPO / "runs" / "data"
         real_acc = float(np.mean([(p(te_x) == te_y).mean() for p in preds]))
         row = {"real": real_acc}
         for name, v in sets.items():
-            per_seed = [float(np.mean([(p(x) == truth[name]).mean() for p in preds])) for x in v]
-            per_class_acc = np.mean([[(p(x)[truth[name] == c] == c).mean() if (truth[name] == c).any() else np.nan
-                                      for c in range(k)] for x in v for p in preds], axis=0)
+            y = truth[name]
+            pred = [[p(x) for p in preds] for x in v]  # [seed][classifier]: the features of each set once
+            per_seed = [float(np.mean([(q == y).mean() for q in qs])) for qs in pred]
+            per_class_acc = np.mean([[(q[y == c] == c).mean() if (y == c).any() else np.nan for c in range(k)]
+                                     for qs in pred for q in qs], axis=0)
             row[name] = {"accuracy": float(np.mean(per_seed)), "std": float(np.std(per_seed)),
                          "ratio": float(np.mean(per_seed)) / real_acc if real_acc else float("nan"),
                          "per_class": dict(zip(classes, map(float, per_class_acc), strict=True))}

@@ -64,15 +64,6 @@ def nuclear_contrast(images: np.ndarray, masks: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
-def _tables(folder: Path, masked_only: bool) -> Path:
-    from synthgen.data.splits import DEFAULT_SPLIT_FILE, build_split_tables
-
-    if not (folder / "test.csv").exists():
-        build_split_tables(DEFAULT_SPLIT_FILE, folder, mpp=MPP, size=128, train_overlap=64, masked_only=masked_only,
-                           progress=False)
-    return folder
-
-
 def _load(table: Path, limit: int | None = None, seed: int = 0):
     from synthgen.data.cache import LabelledTiles
 
@@ -99,6 +90,7 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
         mask_data: Path = REPO / "runs" / "data" / "v2_masks", seeds=(0, 1, 2), steps: int = 12,
         guidance: float = 2.0, n_splits: int = 10, v1: Path | None = None, mask_scales=(1.0,),
         masks_only: bool = False, skip_masks: bool = False) -> dict:
+    from _data import v2_tables  # this folder's helper (the script's own directory is on sys.path)
     from PIL import Image
     from skimage.segmentation import find_boundaries
     from sklearn.linear_model import LogisticRegression
@@ -113,7 +105,7 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
 
     out.mkdir(parents=True, exist_ok=True)
     diameter = nucleus_diameter_px(MPP)
-    real, labels, sources, _ = _load(_tables(data, False) / f"{split}.csv")
+    real, labels, sources, _ = _load(v2_tables(data) / f"{split}.csv")
     n = len(real)
     train, _, train_sources, _ = _load(data / "train.csv")
     pipe = SynthPipeline.from_pretrained(pipeline)
@@ -180,7 +172,7 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
     hwc = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
     adherence, mask_images, m_real = {}, {}, torch.zeros(0)
     if pipe.controlnet is not None and not skip_masks:  # the mask section needs a mask branch
-        m_real, m_labels, m_sources, m_masks = _load(_tables(mask_data, True) / f"{split}.csv")
+        m_real, m_labels, m_sources, m_masks = _load(v2_tables(mask_data, masked_only=True) / f"{split}.csv")
         seg = lambda im: segment_nuclei(im, diameter=SEG_DIAMETER_PX)  # noqa: E731
         f_mreal = handcrafted_features(m_real, diameter)
         for j, s in enumerate(seeds):
