@@ -162,3 +162,27 @@ def test_add_fast_refuses_what_is_not_a_student(fast_pipe, tmp_path):
         add_fast_variant(folder, SMALL / "transformer")
     with pytest.raises(CheckpointError, match="not a pipeline folder"):
         add_fast_variant(tmp_path, folder / "fast_transformer")
+
+
+def test_student_is_stored_in_half_precision_and_loads_as_float32(student, fast_pipe, plain_pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from synthgen.models.denoiser import Denoiser
+
+    pipe, folder = fast_pipe
+    stored = load_file(folder / "fast_transformer" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    full = Denoiser.from_pretrained(student[0]).state_dict()
+    loaded = pipe.fast_transformer.state_dict()
+    assert {v.dtype for v in loaded.values()} == {torch.float32}
+    assert all(torch.equal(loaded[k], full[k].half().float()) for k in full)
+    # --storage-dtype fp32 copies the weights as they are; the two sample nearly alike
+    folder32 = _plain_copy(tmp_path / "p32")
+    run_cli(["add-fast", str(folder32), str(student[0]), "--storage-dtype", "fp32"])
+    pipe32 = SynthPipeline.from_pretrained(folder32)
+    pipe32.set_progress_bar_config(disable=True)
+    assert all(torch.equal(v, full[k]) for k, v in pipe32.fast_transformer.state_dict().items())
+    emb = plain_pipe.encode_images(torch.full((2, 3, 64, 64), 180, dtype=torch.uint8))
+    kw = dict(embeddings=emb, seeds=[1, 2], num_inference_steps=2, output_type="latent", dtype="fp32")
+    a, b = pipe(**kw).images, pipe32(**kw).images
+    assert not torch.equal(a, b) and (a - b).abs().max() < 0.02 * b.abs().max()

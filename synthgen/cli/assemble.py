@@ -69,11 +69,13 @@ def _cache_mpp(cache_dir) -> float | None:
 @click.command("add-fast")
 @click.argument("pipeline", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("student", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def add_fast(pipeline, student):
+@click.option("--storage-dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Precision the student's weights are stored in (loaded back as float32).")
+def add_fast(pipeline, student, storage_dtype):
     """Add STUDENT, a few-step model from `synthgen train` (task: consistency; its `model/`
     folder), to PIPELINE as its fast variant (fast_transformer/, fast_scheduler/): then
     `synthgen generate --fast` and calls with 1-4 steps sample with it."""
     from synthgen.pipelines.fast import add_fast_variant
 
-    add_fast_variant(pipeline, student)
+    add_fast_variant(pipeline, student, storage_dtype)
     click.echo(f"fast variant {student} -> {pipeline}/fast_transformer, fast_scheduler")
