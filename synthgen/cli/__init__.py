@@ -29,6 +29,7 @@ def cli(verbose: int) -> None:
 
 def _register() -> None:
     from synthgen.cli import (
+        adapt,
         assemble,
         cache,
         evaluate,
@@ -45,7 +46,7 @@ def _register() -> None:
     )
 
     for command in (tile.tile, cache.cache, splits.splits, train.train, assemble.assemble, assemble.add_fast,
-                    generate.generate, large.large, masks.masks_group, stain.stain, stain.pairs, stain.add_stain,
+                    adapt.adapt, generate.generate, large.large, masks.masks_group, stain.stain, stain.pairs, stain.add_stain,
                     evaluate.eval_group, export.export, export.verify, view.view, run.run_recipe):
         cli.add_command(command)
     evaluate.eval_group.add_command(masks.eval_masks)

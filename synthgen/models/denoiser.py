@@ -403,6 +403,36 @@ class Denoiser(StrictLoadMixin, PixArtTransformer2DModel):
         return new.to(device=base.device)
 
     @classmethod
+    def with_classes(cls, base: Denoiser, class_names: list[str]) -> Denoiser:
+        """``base`` conditioned on the classes ``class_names`` instead of its own (``synthgen adapt``).
+
+        A name the base knows keeps its learned class embedding; a new name starts from the base's
+        null class, so until it is trained a new class generates as the unconditional model does.
+        The null class and every other weight are kept."""
+        names = [str(n) for n in class_names]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"class_names must be distinct and non-empty, got {names}")
+        cfg = {k: v for k, v in base.config.items() if k != "_use_default_values"}
+        old = list(cfg.get("class_names") or [])
+        cfg.update(num_classes=len(names), class_names=names)
+        new = cls.from_config(cfg)
+        state = {k: v for k, v in base.state_dict().items() if k != "class_embedding.weight"}
+        missing, unexpected = new.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if k != "class_embedding.weight"]:
+            raise RuntimeError(f"changing the classes lost weights: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            w = new.class_embedding.weight
+            if base.class_embedding is not None:
+                bw = base.class_embedding.weight
+                null = bw[len(old)]
+                for i, name in enumerate(names):
+                    w[i] = bw[old.index(name)] if name in old else null
+                w[len(names)] = null
+            else:
+                w.zero_()  # a base without classes: every class starts as "no class token"
+        return new.to(device=base.device)
+
+    @classmethod
     def with_refiner(cls, base: Denoiser, refine_channels: int = 64, refine_depth: int = 2) -> Denoiser:
         """``base`` followed by a new :class:`ConvRefiner` whose last layer is zero: the new model's
         output equals the base's until the refiner is trained."""

@@ -230,7 +230,7 @@ class DenoiserTask(Task):
             if "label" not in batch:
                 raise ConfigError("data.use_labels: the denoiser is class-conditional but batches carry no 'label'")
             conds["class_labels"] = torch.as_tensor(batch["label"]).to(device)  # -1 (unlabelled): the null class
-        if cfg.num_sources:
+        if cfg.num_sources and d.use_source:  # without data.use_source: the null source (an adapted pipeline)
             if "source" not in batch:
                 raise ConfigError("data.use_source: the denoiser is source-conditional but batches carry no 'source'")
             conds["source_labels"] = torch.as_tensor(batch["source"]).to(device)
