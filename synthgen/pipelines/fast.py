@@ -69,7 +69,6 @@ def add_fast_variant(pipeline: str | os.PathLike, student: str | os.PathLike, st
 
 def _to_half(folder: Path) -> None:
     """Rewrite every ``*.safetensors`` file in ``folder`` with its float tensors in float16."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     files = sorted(folder.glob("*.safetensors"))
