@@ -138,6 +138,8 @@ def _prepare_tiles(dataset: Path, dest: Path, side: int, image_mpp, model_mpp, p
         done = json.loads((dest / ".done.json").read_text())
         if done["classes"] == ds.classes and done["images"] == len(ds) and done["image_mpp"] == image_mpp:
             return ds.classes, done["tiles_per_class"]
+    for stale in ("cache", "denoiser_init", "denoiser", "prior"):  # built from other tiles
+        shutil.rmtree(dest.parent / stale, ignore_errors=True)
     factor = None if image_mpp is None else image_mpp / model_mpp
     tiles = {c: 0 for c in ds.classes}
     with atomic_dir(dest) as tmp:
@@ -192,6 +194,7 @@ def _prediction(base: Path) -> str:
 
 def _run(cfg_dict: dict, progress: bool) -> Path:
     """Train (or resume, or skip when finished) one model; returns its ``model/`` folder."""
+    from synthgen._io import atomic_write_text
     from synthgen.config import load_train_config
     from synthgen.training.trainer import train
 
@@ -202,7 +205,7 @@ def _run(cfg_dict: dict, progress: bool) -> Path:
         return model
     cfg = load_train_config(None, cfg_dict)
     train(cfg, resume="latest" if (out / "checkpoints").is_dir() else None, progress=progress)
-    done.write_text(json.dumps(cfg_dict))
+    atomic_write_text(done, json.dumps(cfg_dict))
     return model
 
 
