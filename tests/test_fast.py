@@ -3,6 +3,7 @@ pipeline, and how calls pick it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -87,6 +88,46 @@ def test_distillation_trains_and_saves_a_student(student):
 
     moved = Denoiser.from_pretrained(model).state_dict()
     assert any(not torch.equal(base[k], moved[k]) for k in base)  # the student trained away from the teacher
+
+
+def test_consistency_guidance_dropout_reaches_both_nets(student):
+    """With cfg_dropout ~1 every row trains on the null condition: the student gets its own null
+    embedding, and the teacher's conditional branch is its null too (its unguided trajectory)."""
+    from synthgen.training.tasks import task_class
+
+    root = student[2]
+    cfg = load_train_config(None, {
+        "task": "consistency", "output_dir": str(root / "drop"), "steps": 1, "model": {"pretrained": str(SMALL)},
+        "data": {"cache": str(root / "cache"), "vae": str(SMALL)},
+        "objective": {"kind": "epsilon", "cfg_dropout": 0.999, "distill_guidance": 2.0}})
+    task = task_class("consistency")(cfg)
+    with torch.no_grad():  # the student's null apart from the teacher's, so that each can be told
+        task.net.caption_projection.uncond_embedding.add_(1.0)
+    seen = {"student": [], "teacher": []}
+
+    def spy(name, net):
+        forward = net.forward
+
+        def wrapped(x, t, **conds):
+            seen[name].append(conds["embeddings"].detach().clone())
+            return forward(x, t, **conds)
+        net.forward = wrapped
+
+    spy("student", task.net)
+    spy("teacher", task._frozen["teacher"])
+    emb = torch.randn(4, *task.net.null_conditions(1)["embeddings"].shape[1:])
+    batch = {"latents": torch.randn(4, 4, 16, 16), "emb": emb}
+    loss = task(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    s_null = task.net.null_conditions(4)["embeddings"]
+    t_null = task._frozen["teacher"].null_conditions(8)["embeddings"]
+    assert len(seen["student"]) == 2 and all(torch.equal(e, s_null) for e in seen["student"])
+    assert len(seen["teacher"]) == 1 and torch.equal(seen["teacher"][0], t_null)
+    # without dropout both see the batch's embeddings (the teacher's second half: its null)
+    task.cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, cfg_dropout=0.0))
+    seen = {"student": [], "teacher": []}
+    task(batch, torch.Generator().manual_seed(0))
+    assert all(torch.equal(e, emb) for e in seen["student"]) and torch.equal(seen["teacher"][0][:4], emb)
 
 
 def test_consistency_config_errors(tmp_path):

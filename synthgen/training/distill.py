@@ -13,7 +13,10 @@ augmented consistency distillation of Song et al. 2023 in latent space):
 - the student's consistency function f(x, t) = c_skip(t) x + c_out(t) x0(x, t) (LCM's boundary
   scalings, sigma_data 0.5, timestep scaling 10, the ones ``LCMScheduler`` samples with) at
   ``(x_t, t)`` is pulled towards the same function at ``(x_s, s)`` evaluated by the student with
-  its gradient stopped, with a pseudo-Huber loss (``objective.huber_c``).
+  its gradient stopped, with a pseudo-Huber loss (``objective.huber_c``);
+- guidance dropout (``objective.cfg_dropout*``) drops a condition for both nets at once, so the
+  student also learns the teacher's trajectory without it (guided on what is left), which is
+  what it samples when a caller leaves a condition out (a source-only or unconditional job).
 
 The target network is the student itself under a stop-gradient, as in improved consistency
 training (Song & Dhariwal 2023), not an EMA copy: nothing outside the trained weights, so a
@@ -95,17 +98,21 @@ class ConsistencyTask(DenoiserTask):
         device = next(self.net.parameters()).device
         x0, conds = self.conditions(batch, device)
         B, k = len(x0), o.distill_skip
+        teacher = self._frozen["teacher"].to(device)
+        drop = self._drops(B, conds, generator, device)  # guidance dropout: each net swaps in its own nulls
+        t_conds = conds if drop is None else teacher.drop_conditions(drop, **conds)
+        if drop is not None:
+            conds = self.net.drop_conditions(drop, **conds)
         n = torch.randint(1, o.num_train_timesteps // k + 1, (B,), generator=generator)
         t = (n * k - 1).to(device)  # k-1, 2k-1, ..., T-1: LCMScheduler's original timesteps
         s = (t - k).clamp_min(0)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         at, as_ = self.alphas_cumprod[t].view(-1, 1, 1, 1), self.alphas_cumprod[s].view(-1, 1, 1, 1)
         xt = at.sqrt() * x0 + (1 - at).sqrt() * noise
-        teacher = self._frozen["teacher"].to(device)
         with torch.no_grad():
             null = teacher.null_conditions(B, device=device)
-            uncond = {key: null[key].to(v.dtype).expand_as(v) if key in null else v for key, v in conds.items()}
-            both = {key: torch.cat([conds[key], uncond[key]]) for key in conds}
+            uncond = {key: null[key].to(v.dtype).expand_as(v) if key in null else v for key, v in t_conds.items()}
+            both = {key: torch.cat([t_conds[key], uncond[key]]) for key in t_conds}
             out = teacher(torch.cat([xt, xt]), torch.cat([t, t]), **both).sample[:, : x0.shape[1]].float()
             cond, uncond_out = out.chunk(2)
             guided = uncond_out + o.distill_guidance * (cond - uncond_out)
