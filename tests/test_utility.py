@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from synthgen.studies.utility import utility_study
+from synthgen.studies.utility import oversampled, utility_study
 
 
 class Crops(Dataset):
@@ -58,8 +58,21 @@ def test_planted_easy_task_orders_the_arms(task):
     assert arms["synthgen"]["rare_class_recall"]["mean"] > arms["real"]["rare_class_recall"]["mean"] + 0.2
     assert arms["synthgen"]["balanced_accuracy"]["mean"] > arms["real"]["balanced_accuracy"]["mean"]
     assert arms["synthetic_only"]["balanced_accuracy"]["mean"] > 0.5  # chance is 1/3
+    assert set(arms) == {"real", "classical", "oversample", "synthgen", "synthetic_only"}
     lo, hi = arms["real"]["balanced_accuracy"]["ci95"]
     assert lo <= arms["real"]["balanced_accuracy"]["mean"] <= hi
+
+
+def test_oversample_arm_adds_the_synthgen_arms_sizes_from_real_images(task):
+    from synthgen.augment import SynthPolicy
+
+    train, _, labels, _ = task
+    policy = SynthPolicy.balance(labels)
+    data = oversampled(train, labels, policy, seed=0)
+    got = [labels[i] for i in data.indices]
+    assert data.indices[: len(labels)] == list(range(len(labels)))  # every real item once, then the extra ones
+    assert {c: got.count(c) - labels.count(c) for c in set(labels)} == {0: 0, 1: 0, 2: 9}  # 3 rare crops, 1:3
+    assert data.indices != oversampled(train, labels, policy, seed=1).indices  # the draw follows the seed
 
 
 def test_utility_argument_errors(task):
@@ -99,7 +112,7 @@ def test_eval_utility_cli_prior_mode(kather, tmp_path):
     rep = json.loads(out.read_text())
     assert rep["generator"] == {"mode": "prior", "prior": str(ckpt / "prior")}
     assert rep["classes"] == ["01_TUMOR", "02_STROMA", "04_LYMPHO"] and rep["train_counts"] == {"0": 2, "1": 2, "2": 1}
-    assert rep["rare_class"] == 2 and set(rep["arms"]) == {"real", "classical", "synthgen", "synthetic_only"}
+    assert rep["rare_class"] == 2 and set(rep["arms"]) == {"real", "classical", "oversample", "synthgen", "synthetic_only"}
     for arm in rep["arms"].values():
         assert 0 <= arm["balanced_accuracy"]["mean"] <= 1 and len(arm["per_class_recall"]) == 3
 

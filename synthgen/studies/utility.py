@@ -1,9 +1,14 @@
-"""Utility of synthetic data: train a small classifier four ways, test on held-out real data.
+"""Utility of synthetic data: train a small classifier five ways, test on held-out real data.
 
 Arms (the same classifier, schedule and seeds):
 - ``real``: the real, imbalanced training set;
 - ``classical``: real + classical augmentation (flips, 90-degree rotations, colour/stain jitter);
-- ``synthgen``: real + synthetic samples per a :class:`~synthgen.augment.SynthPolicy`;
+- ``oversample``: real + as many extra samples per class as the ``synthgen`` arm adds, drawn
+  (with replacement) from that class's real images, + classical augmentation: the simple
+  baseline synthetic data has to beat;
+- ``synthgen``: real + synthetic samples per a :class:`~synthgen.augment.SynthPolicy`, +
+  classical augmentation (so that it differs from ``oversample`` only in where the extra
+  samples come from);
 - ``synthetic_only``: synthetic samples of every class, no real image.
 
 Reported per arm over several seeds: balanced accuracy, per-class F1 and recall, and the recall
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-ARMS = ("real", "classical", "synthgen", "synthetic_only")
+ARMS = ("real", "classical", "oversample", "synthgen", "synthetic_only")
 
 
 def small_cnn(num_classes: int) -> torch.nn.Module:
@@ -122,11 +127,14 @@ def utility_study(train: Dataset, test: Dataset, labels: Sequence[int], generato
     counts = Counter(int(v) for v in labels)
     num_classes = max(counts) + 1
     rare = min(counts, key=lambda c: (counts[c], c))
+    policy = policy or SynthPolicy.balance(labels)
     results: dict[str, list[dict]] = {a: [] for a in arms}
     for seed in seeds:
         for arm in arms:
             if arm in ("real", "classical"):
                 data = train
+            elif arm == "oversample":
+                data = oversampled(train, labels, policy, seed)
             elif arm == "synthgen":
                 data = SynthAugment(train, generator, policy, labels=labels, seed=seed)
             else:  # as many synthetic samples of each class as the largest real class
@@ -136,7 +144,7 @@ def utility_study(train: Dataset, test: Dataset, labels: Sequence[int], generato
                 data = Subset(aug, np.nonzero(aug.is_synthetic)[0].tolist())
             data = _Strip(data)
             results[arm].append(train_and_test(data, test, num_classes, seed, epochs, batch_size,
-                                               augment=arm == "classical"))
+                                               augment=arm in ("classical", "oversample", "synthgen")))
     summary = {}
     for arm, runs in results.items():
         summary[arm] = {
@@ -147,6 +155,18 @@ def utility_study(train: Dataset, test: Dataset, labels: Sequence[int], generato
         }
     return {"rare_class": rare, "train_counts": dict(sorted(counts.items())), "seeds": list(seeds),
             "epochs": epochs, "arms": summary}
+
+
+def oversampled(train: Dataset, labels: Sequence[int], policy, seed: int) -> Subset:
+    """``train`` plus ``policy.extra`` more items of each class, drawn with replacement from its
+    own items (the ``oversample`` arm: the synthgen arm's sizes, real images only)."""
+    labels = [int(v) for v in labels]
+    rng = np.random.default_rng(seed)
+    index = list(range(len(labels)))
+    for c, n in sorted(policy.extra(Counter(labels)).items()):
+        members = [i for i, v in enumerate(labels) if v == c]
+        index += rng.choice(members, size=n, replace=True).tolist()
+    return Subset(train, index)
 
 
 class _Strip(Dataset):
