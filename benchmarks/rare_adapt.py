@@ -122,7 +122,6 @@ def run(rare: str = "consep", n_rare: int = 8, n_common: int = 64, seeds=(0, 1, 
     test_ds, test_rows = _tiles(tables / "test.csv")
     rng = np.random.default_rng(0)
     classes = list(SOURCES)
-    ci = classes.index(rare)
     user = out / "user"
     real_paths, oracle_paths = {}, None
     for c in classes:
