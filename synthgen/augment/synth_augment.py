@@ -437,13 +437,14 @@ class SynthAugment(Dataset):
                 synth.append((pos, i - n))
         if synth:
             refs = [self._raw(self.synthetic[k][1]) for _, k in synth]
-            images = self._generate([k for _, k in synth], refs)
+            images, _ = self._generate([k for _, k in synth], refs)
             for (pos, k), ref, img in zip(synth, refs, images, strict=True):
                 out[pos] = self._tag(_replace(ref, img, self.synthetic[k][0]), True)
         return [out[p] for p in range(len(indices))]
 
-    def _generate(self, ks: list[int], refs: list) -> list[torch.Tensor]:
-        """Images of synthetic items ``ks`` (from the cache where there, the rest in one batch)."""
+    def _generate(self, ks: list[int], refs: list) -> tuple[list[torch.Tensor], int]:
+        """Images of synthetic items ``ks`` (from the cache where there, the rest in one batch),
+        and how many of them were generated here."""
         images = [self.cache.get(self.seed, k) if self.cache else None for k in ks]
         todo = [j for j, img in enumerate(images) if img is None]
         if todo:
@@ -461,7 +462,7 @@ class SynthAugment(Dataset):
                 images[j] = img
                 if self.cache:
                     self.cache.put(self.seed, ks[j], img)
-        return images
+        return images, len(todo)
 
     def pregenerate(self, indices: Sequence[int] | None = None, batch_size: int = 32, background: bool = False):
         """Fill the disk cache ahead of training (e.g. this DDP rank's share, or all synthetic
@@ -502,9 +503,8 @@ class SynthAugment(Dataset):
         while todo and not (stop and stop()):
             part, todo = todo[:batch_size], todo[batch_size:]
             part = [k for k in part if not self.cache.path(self.seed, k).exists()]
-            if part:
-                self._generate(part, [self._raw(self.synthetic[k][1]) for k in part])
-                made += len(part)
+            if part:  # counts only what this call generated: a loader worker may have cached some since
+                made += self._generate(part, [self._raw(self.synthetic[k][1]) for k in part])[1]
         return made
 
     @staticmethod
