@@ -363,16 +363,9 @@ class SynthAugment(Dataset):
                                 "(expected (image, label, mask) or a dict with 'mask')")
         self.labels = [int(v) for v in (labels if labels is not None else (self._label(i) for i in range(len(dataset))))]
         self.policy = policy or SynthPolicy.balance(self.labels)
-        counts = Counter(self.labels)
-        extra = self.policy.extra(counts)
-        g = seeding.generator(seed)
-        members = {c: [i for i, v in enumerate(self.labels) if v == c] for c in extra}
-        self.synthetic: list[tuple[int, int, int]] = []  # (label, real index varied, noise seed)
-        for c in sorted(extra):
-            picks = torch.randint(0, len(members[c]), (extra[c],), generator=g).tolist()
-            self.synthetic += [(c, members[c][p], 0) for p in picks]
-        self.synthetic = [(c, ref, s) for (c, ref, _), s in zip(self.synthetic, seeding.item_seeds(seed, len(self.synthetic)),
-                                                                 strict=True)]
+        plan = synthetic_plan(self.labels, self.policy, seed)
+        self.synthetic: list[tuple[int, int, int]] = [  # (label, real index varied, noise seed)
+            (c, ref, s) for (c, ref), s in zip(plan, seeding.item_seeds(seed, len(plan)), strict=True)]
         check = getattr(generator, "check_labels", None)
         if check is not None:
             check(sorted({c for c, _, _ in self.synthetic}))
@@ -512,6 +505,19 @@ class SynthAugment(Dataset):
         if isinstance(item, Mapping):
             return {**item, "synthetic": synthetic}
         return (*item, synthetic)
+
+
+def synthetic_plan(labels: Sequence[int], policy: SynthPolicy, seed: int) -> list[tuple[int, int]]:
+    """(label, real index varied) of each synthetic item: ``policy.extra`` items per class, their
+    references drawn with replacement from the class's items by the seed's generator."""
+    labels = [int(v) for v in labels]
+    extra = policy.extra(Counter(labels))
+    g = seeding.generator(seed)
+    plan = []
+    for c in sorted(extra):
+        members = [i for i, v in enumerate(labels) if v == c]
+        plan += [(c, members[p]) for p in torch.randint(0, len(members), (extra[c],), generator=g).tolist()]
+    return plan
 
 
 def _qualname(obj) -> str:

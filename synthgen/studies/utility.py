@@ -158,15 +158,11 @@ def utility_study(train: Dataset, test: Dataset, labels: Sequence[int], generato
 
 
 def oversampled(train: Dataset, labels: Sequence[int], policy, seed: int) -> Subset:
-    """``train`` plus ``policy.extra`` more items of each class, drawn with replacement from its
-    own items (the ``oversample`` arm: the synthgen arm's sizes, real images only)."""
-    labels = [int(v) for v in labels]
-    rng = np.random.default_rng(seed)
-    index = list(range(len(labels)))
-    for c, n in sorted(policy.extra(Counter(labels)).items()):
-        members = [i for i, v in enumerate(labels) if v == c]
-        index += rng.choice(members, size=n, replace=True).tolist()
-    return Subset(train, index)
+    """``train`` plus the real references of the synthgen arm's extra items, as they are (the
+    ``oversample`` arm: the same sizes and draws as ``synthgen``, real images only)."""
+    from synthgen.augment.synth_augment import synthetic_plan
+
+    return Subset(train, list(range(len(labels))) + [ref for _, ref in synthetic_plan(labels, policy, seed)])
 
 
 class _Strip(Dataset):

@@ -100,9 +100,9 @@ class ConsistencyTask(DenoiserTask):
         B, k = len(x0), o.distill_skip
         teacher = self._frozen["teacher"].to(device)
         drop = self._drops(B, conds, generator, device)  # guidance dropout: each net swaps in its own nulls
-        t_conds = conds if drop is None else teacher.drop_conditions(drop, **conds)
+        t_conds = conds
         if drop is not None:
-            conds = self.net.drop_conditions(drop, **conds)
+            t_conds, conds = teacher.drop_conditions(drop, **conds), self.net.drop_conditions(drop, **conds)
         n = torch.randint(1, o.num_train_timesteps // k + 1, (B,), generator=generator)
         t = (n * k - 1).to(device)  # k-1, 2k-1, ..., T-1: LCMScheduler's original timesteps
         s = (t - k).clamp_min(0)
