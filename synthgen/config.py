@@ -217,7 +217,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Diffusion objective (denoiser only).
+    """The training objective. Most fields apply to some tasks only (``OBJECTIVE_FIELDS_OF``): a
+    config that sets one away from its default for another task is refused.
 
     ``epsilon`` and ``v_prediction`` use a DDPM noise schedule of ``num_train_timesteps`` steps;
     ``flow`` is rectified flow (x_t = (1 - t) x_0 + t noise, target noise - x_0).
@@ -236,10 +237,13 @@ class ObjectiveConfig:
     cfg_dropout_sources: float = 0.0
     cfg_dropout_image: float = 0.0  # stain_denoiser: the source image's latents alone (zeros, InstructPix2Pix)
     # consistency distillation only (synthgen.training.distill): the guidance scale folded into the
-    # student, the teacher's DDIM skip in timesteps (T / skip points), the pseudo-Huber constant
+    # student, the teacher's DDIM skip in timesteps (T / skip points), the pseudo-Huber constant,
+    # the decay of the target network, an EMA of the student (LCM's 0.95; 0: the student itself
+    # under a stop-gradient, as in improved consistency training)
     distill_guidance: float = 2.0
     distill_skip: int = 20
     huber_c: float = 0.001
+    distill_target_decay: float = 0.95
     kl_weight: float = 1e-6  # VAE only
     # VAE only, the sharpness terms (synthgen.models.discriminator): L1 on image gradients, L1 on
     # log Fourier amplitudes, and a PatchGAN hinge loss whose generator term starts at
@@ -287,6 +291,33 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.hed_scale: must be in [0, 1), got {self.hed_scale}")
         if not 0 <= self.blur <= 1:
             raise ConfigError(f"objective.blur: a probability in [0, 1], got {self.blur}")
+
+
+_DIFFUSION_TASKS = ("denoiser", "controlnet", "stain_denoiser", "consistency")
+# objective fields -> the tasks that read them (a field not listed here is read by every task)
+OBJECTIVE_FIELDS_OF: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("kind", "timesteps", "num_train_timesteps", "beta_schedule", "cfg_dropout_embeddings",
+     "cfg_dropout_labels", "cfg_dropout_sources"): _DIFFUSION_TASKS,
+    ("cfg_dropout",): (*_DIFFUSION_TASKS, "prior", "translator"),
+    ("cfg_dropout_image",): ("stain_denoiser",),
+    ("distill_guidance", "distill_skip", "huber_c", "distill_target_decay"): ("consistency",),
+    ("kl_weight", "gradient_weight", "frequency_weight", "adversarial_weight", "adversarial_start",
+     "disc_width", "disc_layers"): ("vae",),
+    ("temperature", "ssl_method", "teacher_temperature", "teacher_momentum", "dino_prototypes",
+     "local_crops", "hed_scale", "hed_shift", "blur"): ("ssl",),
+}
+
+
+def _check_objective_fields(task: str, objective: ObjectiveConfig) -> None:
+    """A field set away from its default for a task that never reads it is a misplaced setting."""
+    default = ObjectiveConfig()
+    for names, tasks in OBJECTIVE_FIELDS_OF.items():
+        if task in tasks:
+            continue
+        for name in names:
+            if getattr(objective, name) != getattr(default, name):
+                raise ConfigError(f"objective.{name}: task {task} does not read it (it applies to task "
+                                  f"{' / '.join(tasks)}); remove it")
 
 
 @dataclass(frozen=True)
@@ -351,6 +382,7 @@ class TrainConfig:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.sample_every < 0:
             raise ConfigError(f"sample_every: must be >= 0, got {self.sample_every}")
+        _check_objective_fields(self.task, self.objective)
 
 
 def parse_overrides(pairs: list[str]) -> dict:

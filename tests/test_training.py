@@ -162,10 +162,23 @@ def test_two_process_gloo_run_keeps_ranks_identical(cache, tmp_path):
     ({"data": {"cache": "/nonexistent/cache"}}, r"/nonexistent/cache: no index\.json"),
     ({"optim": {"batch_size": 100000}}, r"optim\.batch_size: 100000 per process is more than"),
     ({"model": {"overrides": {"caption_num_tokens": 3}}}, r"model: cannot build the denoiser.*square"),
+    ({"objective": {"kl_weight": 1e-3}}, r"objective\.kl_weight: task denoiser does not read it \(it applies to task vae\)"),
+    ({"objective": {"distill_skip": 10}}, r"objective\.distill_skip: task denoiser does not read it"),
 ])
 def test_invalid_configs_fail_clearly(cache, tmp_path, over, match):
     with pytest.raises((ConfigError, SynthgenError), match=match):
         train(denoiser_cfg(cache, tmp_path / "bad", **over), progress=False)
+
+
+def test_objective_fields_belong_to_their_tasks():
+    """A field read by other tasks only is refused when set; left at its default it is not."""
+    base = {"output_dir": "x", "steps": 1}
+    with pytest.raises(ConfigError, match=r"objective\.kind: task vae does not read it"):
+        load_train_config(None, {**base, "task": "vae", "objective": {"kind": "flow"}})
+    with pytest.raises(ConfigError, match=r"objective\.temperature: task prior"):
+        load_train_config(None, {**base, "task": "prior", "objective": {"temperature": 0.5}})
+    assert load_train_config(None, {**base, "task": "prior", "objective": {"cfg_dropout": 0.2}}).objective.cfg_dropout == 0.2
+    assert load_train_config(None, {**base, "task": "ssl", "objective": {"blur": 0.5}}).objective.blur == 0.5
 
 
 def test_missing_config_fields():
