@@ -90,9 +90,10 @@ def test_distillation_trains_and_saves_a_student(student):
     assert any(not torch.equal(base[k], moved[k]) for k in base)  # the student trained away from the teacher
 
 
-def test_consistency_guidance_dropout_reaches_both_nets(student):
-    """With cfg_dropout ~1 every row trains on the null condition: the student gets its own null
-    embedding, and the teacher's conditional branch is its null too (its unguided trajectory)."""
+def test_consistency_guidance_dropout_reaches_every_net(student):
+    """With cfg_dropout ~1 every row trains on the null condition: the student and the EMA target
+    each get their own null embedding, and the teacher's conditional branch is its null too (its
+    unguided trajectory)."""
     from synthgen.training.tasks import task_class
 
     root = student[2]
@@ -101,9 +102,10 @@ def test_consistency_guidance_dropout_reaches_both_nets(student):
         "data": {"cache": str(root / "cache"), "vae": str(SMALL)},
         "objective": {"kind": "epsilon", "cfg_dropout": 0.999, "distill_guidance": 2.0}})
     task = task_class("consistency")(cfg)
-    with torch.no_grad():  # the student's null apart from the teacher's, so that each can be told
+    with torch.no_grad():  # the student's null apart from the target's and the teacher's, so that each can be told
         task.net.caption_projection.uncond_embedding.add_(1.0)
-    seen = {"student": [], "teacher": []}
+        task.target.caption_projection.uncond_embedding.add_(2.0)
+    seen = {"student": [], "target": [], "teacher": []}
 
     def spy(name, net):
         forward = net.forward
@@ -114,20 +116,51 @@ def test_consistency_guidance_dropout_reaches_both_nets(student):
         net.forward = wrapped
 
     spy("student", task.net)
+    spy("target", task.target)
     spy("teacher", task._frozen["teacher"])
     emb = torch.randn(4, *task.net.null_conditions(1)["embeddings"].shape[1:])
     batch = {"latents": torch.randn(4, 4, 16, 16), "emb": emb}
+    task.eval()  # no target update: the nulls stay apart
     loss = task(batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
-    s_null = task.net.null_conditions(4)["embeddings"]
+    assert len(seen["student"]) == 1 and torch.equal(seen["student"][0], task.net.null_conditions(4)["embeddings"])
+    assert len(seen["target"]) == 1 and torch.equal(seen["target"][0], task.target.null_conditions(4)["embeddings"])
     t_null = task._frozen["teacher"].null_conditions(8)["embeddings"]
-    assert len(seen["student"]) == 2 and all(torch.equal(e, s_null) for e in seen["student"])
     assert len(seen["teacher"]) == 1 and torch.equal(seen["teacher"][0], t_null)
-    # without dropout both see the batch's embeddings (the teacher's second half: its null)
+    # without dropout all see the batch's embeddings (the teacher's second half: its null)
     task.cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, cfg_dropout=0.0))
-    seen = {"student": [], "teacher": []}
+    seen = {"student": [], "target": [], "teacher": []}
     task(batch, torch.Generator().manual_seed(0))
-    assert all(torch.equal(e, emb) for e in seen["student"]) and torch.equal(seen["teacher"][0][:4], emb)
+    assert all(torch.equal(e, emb) for e in seen["student"] + seen["target"]) and torch.equal(seen["teacher"][0][:4], emb)
+
+
+def test_consistency_target_is_an_ema_of_the_student(student):
+    """The target moves towards the student by 1 - decay once per optimisation step (not per
+    micro-batch), is held in the task's state (so checkpoints resume it), and decay 0 drops it."""
+    from synthgen.training.tasks import task_class
+
+    root = student[2]
+    raw = {"task": "consistency", "output_dir": str(root / "ema"), "steps": 1, "model": {"pretrained": str(SMALL)},
+           "data": {"cache": str(root / "cache"), "vae": str(SMALL)},
+           "objective": {"kind": "epsilon", "distill_target_decay": 0.75}}
+    task = task_class("consistency")(load_train_config(None, raw)).train()
+    assert not task.target.training and not any(p.requires_grad for p in task.target.parameters())
+    assert any(k.startswith("target.") for k in task.state_dict())
+    batch = {"latents": torch.randn(2, 4, 16, 16), "emb": torch.randn(2, *task.net.null_conditions(1)["embeddings"].shape[1:])}
+    name, param = next(iter(task.net.named_parameters()))
+    before = dict(task.target.named_parameters())[name].detach().clone()
+    with torch.no_grad():
+        param.add_(1.0)
+    task.step = 1
+    task(batch, torch.Generator().manual_seed(0))
+    task(batch, torch.Generator().manual_seed(1))  # a second micro-batch of the same step: no second update
+    after = dict(task.target.named_parameters())[name]
+    torch.testing.assert_close(after, before + 0.25)
+    raw["objective"]["distill_target_decay"] = 0.0
+    assert task_class("consistency")(load_train_config(None, raw)).target is None
+    raw["objective"]["distill_target_decay"] = 1.0
+    with pytest.raises(ConfigError, match="distill_target_decay"):
+        task_class("consistency")(load_train_config(None, raw))
 
 
 def test_consistency_config_errors(tmp_path):

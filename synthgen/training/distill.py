@@ -12,19 +12,24 @@ augmented consistency distillation of Song et al. 2023 in latent space):
   the guided trajectory is what it learns, which folds the guidance in);
 - the student's consistency function f(x, t) = c_skip(t) x + c_out(t) x0(x, t) (LCM's boundary
   scalings, sigma_data 0.5, timestep scaling 10, the ones ``LCMScheduler`` samples with) at
-  ``(x_t, t)`` is pulled towards the same function at ``(x_s, s)`` evaluated by the student with
-  its gradient stopped, with a pseudo-Huber loss (``objective.huber_c``);
+  ``(x_t, t)`` is pulled towards the same function at ``(x_s, s)`` evaluated by the target
+  network, with a pseudo-Huber loss (``objective.huber_c``);
 - guidance dropout (``objective.cfg_dropout*``) drops a condition for both nets at once, so the
   student also learns the teacher's trajectory without it (guided on what is left), which is
   what it samples when a caller leaves a condition out (a source-only or unconditional job).
 
-The target network is the student itself under a stop-gradient, as in improved consistency
-training (Song & Dhariwal 2023), not an EMA copy: nothing outside the trained weights, so a
-resumed run continues exactly. The student starts from the teacher's weights.
+The target network is an exponential moving average of the student (``objective.
+distill_target_decay``, LCM's 0.95), updated once per optimisation step before the step's loss;
+it is a submodule of the task, so checkpoints hold it and a resumed run continues exactly. With
+decay 0 the target is the student itself under a stop-gradient, as in improved consistency
+training (Song & Dhariwal 2023): on the v2 denoiser that gave students whose samples were one
+texture whatever the reference (BENCHMARKS.md, 2026-12-03). The student and the target start
+from the teacher's weights.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -65,6 +70,8 @@ class ConsistencyTask(DenoiserTask):
         if cfg.lora.rank:
             raise ConfigError("task consistency: trains the whole student; remove lora.rank")
         o = cfg.objective
+        if not 0 <= o.distill_target_decay < 1:
+            raise ConfigError(f"objective.distill_target_decay: must be in [0, 1), got {o.distill_target_decay}")
         if o.distill_skip < 1 or o.num_train_timesteps % o.distill_skip:
             raise ConfigError(f"objective.distill_skip: must divide num_train_timesteps ({o.num_train_timesteps}), "
                               f"got {o.distill_skip}")
@@ -75,6 +82,26 @@ class ConsistencyTask(DenoiserTask):
 
         sched = DDPMScheduler(num_train_timesteps=o.num_train_timesteps, beta_schedule=o.beta_schedule)
         self.register_buffer("alphas_cumprod", sched.alphas_cumprod.float(), persistent=False)
+        self.target = None  # the EMA target: a submodule, so checkpoints hold it
+        if o.distill_target_decay > 0:
+            self.target = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self._target_step = -1
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.target is not None:
+            self.target.eval()
+        return self
+
+    @torch.no_grad()
+    def _update_target(self) -> None:
+        """target <- decay * target + (1 - decay) * student, once per optimisation step."""
+        if self.target is None or not self.training or self._target_step == self.step:
+            return
+        self._target_step = self.step
+        decay = self.cfg.objective.distill_target_decay
+        for t, s in zip(self.target.parameters(), self.net.parameters(), strict=True):
+            t.lerp_(s.detach(), 1 - decay)
 
     def _x0(self, pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Denoised estimate from a model output at alpha-bar ``a`` (B, 1, 1, 1)."""
@@ -99,10 +126,13 @@ class ConsistencyTask(DenoiserTask):
         x0, conds = self.conditions(batch, device)
         B, k = len(x0), o.distill_skip
         teacher = self._frozen["teacher"].to(device)
+        self._update_target()
+        target_net = self.net if self.target is None else self.target
         drop = self._drops(B, conds, generator, device)  # guidance dropout: each net swaps in its own nulls
-        t_conds = conds
+        t_conds = g_conds = conds
         if drop is not None:
-            t_conds, conds = teacher.drop_conditions(drop, **conds), self.net.drop_conditions(drop, **conds)
+            t_conds, g_conds = teacher.drop_conditions(drop, **conds), target_net.drop_conditions(drop, **conds)
+            conds = self.net.drop_conditions(drop, **conds)
         n = torch.randint(1, o.num_train_timesteps // k + 1, (B,), generator=generator)
         t = (n * k - 1).to(device)  # k-1, 2k-1, ..., T-1: LCMScheduler's original timesteps
         s = (t - k).clamp_min(0)
@@ -118,7 +148,7 @@ class ConsistencyTask(DenoiserTask):
             guided = uncond_out + o.distill_guidance * (cond - uncond_out)
             x0_hat, eps_hat = self._x0(guided, xt, at), self._eps(guided, xt, at)
             xs = as_.sqrt() * x0_hat + (1 - as_).sqrt() * eps_hat  # one DDIM step of the guided teacher
-            target = self._consistency(self.net, xs, s, conds)  # the student, gradient stopped
+            target = self._consistency(target_net, xs, s, g_conds)  # EMA target (or the student), no gradient
         pred = self._consistency(self.net, xt, t, conds)
         h = o.huber_c  # pseudo-Huber: quadratic below h, linear above
         return (torch.sqrt((pred - target) ** 2 + h**2) - h).mean()
