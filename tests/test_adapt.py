@@ -68,6 +68,14 @@ def test_adapt_writes_a_pipeline_that_generates_a_class_by_name(adapted, tmp_pat
         assert im.size == (128, 128)
     code, err = _err(["generate", pipe, "--class", "ADIPOSE", "-n", "1", "-o", tmp_path / "h"], capsys)
     assert code == 1 and "ADIPOSE" in err and "TUMOR" in err and "Traceback" not in err
+    # anchored variations of the user's own tiles, of a class named from the pipeline (no cache)
+    run_cli(["generate", str(pipe), "--images", str(root / "data" / "TUMOR"), "--image-mpp", "0.495", "--class",
+             "tumor", "--strength", "0.5", "-n", "2", "--steps", "2", "-o", str(tmp_path / "v")])
+    man = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert man["class_name"] == "TUMOR" and man["mode"] == "variations" and [it["label"] for it in man["items"]] == [1, 1]
+    code, err = _err(["generate", pipe, "--images", root / "data" / "TUMOR", "--image-mpp", "0.495", "--class",
+                      "ADIPOSE", "-n", "1", "-o", tmp_path / "w"], capsys)
+    assert code == 1 and "the pipeline has classes 0 STROMA, 1 TUMOR" in err and "Traceback" not in err
 
 
 def test_adapt_rerun_resumes_without_training_again(adapted):

@@ -3,6 +3,7 @@ prior, class, masks), build the plan, run this process's share, merge the manife
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,16 @@ def model_licence(pipeline) -> str | None:
     or None for a folder without one (e.g. a hub id)."""
     path = Path(pipeline) / "LICENSE"
     return path.read_text().strip() if path.is_file() else None
+
+
+def pipeline_class_names(pipeline) -> list[str] | None:
+    """The class names the pipeline's denoiser is conditioned on (``transformer/config.json``), or
+    None (no names recorded, or a hub id)."""
+    cfg = Path(pipeline) / "transformer" / "config.json"
+    if not cfg.is_file():
+        return None
+    names = json.loads(cfg.read_text()).get("class_names")
+    return list(names) if names else None
 
 
 def shipped(pipeline, name: str) -> Path | None:
@@ -221,7 +232,6 @@ def apply_realism(manifest_path, realism, reference: str) -> dict:
     ``realism_score`` and ``realistic`` (and ``class_accepted``: the class check's verdict, where
     it ran); ``accepted`` becomes class check passed (where it ran) and realistic; ``acceptance_rate`` is recomputed (the class check's own rate is kept as
     ``class_acceptance_rate``) and ``realism`` summarises the check. Returns the manifest."""
-    import json
 
     import numpy as np
     from PIL import Image
@@ -386,7 +396,10 @@ def _conditions(job: GenerateJob, mode: str | None):
             raise SynthgenError(f"{prior_dir} and {cache_dir} name their classes differently "
                                 f"({', '.join(prior_names)} vs {', '.join(names)})")
         names = prior_names or names
-    label = resolve_class(job.label, names, "the prior" if prior is not None else "the cache")
+    where = "the prior" if prior is not None else "the cache"
+    if names is None and job.label is not None:  # --images: the names the denoiser was trained with
+        names, where = pipeline_class_names(job.pipeline), "the pipeline"
+    label = resolve_class(job.label, names, where)
     if prior is not None and label is not None and not 0 <= label < prior.config.num_classes:
         raise SynthgenError(f"--class {label}: the prior has classes 0-{prior.config.num_classes - 1}")
     return cache_dir, bank, prior, names, label
@@ -445,8 +458,8 @@ def large(job: LargeJob) -> Path:
     )
 
     label, size, seed = job.label, job.size, job.seed
-    if job.reference is not None and label is not None and not str(label).lstrip("-").isdigit():
-        raise SynthgenError(f"--class {label!r}: with --reference give a class id (names come from a --cache)")
+    if job.reference is not None:
+        label = resolve_class(label, pipeline_class_names(job.pipeline), "the pipeline")
     pipe = SynthPipeline.from_pretrained(job.pipeline)
     pipe.set_progress_bar_config(disable=True)
     mpp = pipe.resolve_mpp(job.mpp)
