@@ -16,6 +16,8 @@ augmentation: flips, rotations, brightness / stain jitter):
   ``generate --class RARE``);
 - ``adapt_all+aug``: the same number of generated tiles added to **every** class (the share
   policy that removes a "generated look = rare class" shortcut);
+- ``adapt_var+aug``: the rare tiles plus as many anchored variations of them (SDEdit,
+  ``--strength``, 0.5 fixed before the first run) by the adapted pipeline, class = the rare one;
 - ``base_var+aug``: the rare tiles plus as many variations of them by the shipped v2 pipeline,
   not adapted (``generate --images``);
 - ``oracle+aug``: ``--n-common`` real tiles of the rare class (the ceiling).
@@ -23,7 +25,8 @@ augmentation: flips, rotations, brightness / stain jitter):
 Two classifiers per arm: the small CNN of ``synthgen.studies.utility`` trained from scratch (64 px,
 ``--seeds``), and a logistic-regression probe on the v2 SSL encoder's pooled embedding (one fit:
 it is deterministic). Reported: balanced accuracy and per-class recall, mean with a 95% t
-interval over seeds. Limit, said in BENCHMARKS.md: the shipped v2 generator was trained on every
+interval over seeds. The headline is the ``adapt+aug`` arm (the workflow the README gives a user:
+adapt, then ``generate --class``), declared before the runs, not the best arm. Limit, said in BENCHMARKS.md: the shipped v2 generator was trained on every
 training tile of these four sources, so the rare source is not new to it as a lab's would be.
 
     OMP_NUM_THREADS=2 python benchmarks/rare_adapt.py --rare consep      # about 25 min on 2 CPU cores
@@ -106,7 +109,8 @@ def _ci(v) -> dict:
 
 
 def run(rare: str = "consep", n_rare: int = 8, n_common: int = 64, seeds=(0, 1, 2, 3, 4), epochs: int = 15,
-        adapt_steps: int = 300, steps: int = 20, out: Path = REPO / "runs" / "rare_adapt") -> dict:
+        adapt_steps: int = 300, steps: int = 20, out: Path = REPO / "runs" / "rare_adapt", strength: float = 0.5,
+        pipeline: Path = V2) -> dict:
     from _data import v2_tables
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -136,19 +140,22 @@ def run(rare: str = "consep", n_rare: int = 8, n_common: int = 64, seeds=(0, 1, 
     print(f"train: {', '.join(f'{c} {len(p)}' for c, p in real_paths.items())}; test: "
           f"{', '.join(f'{c} {int((test_y == k).sum())}' for k, c in enumerate(classes))}", flush=True)
 
-    summary = adapt(AdaptJob(dataset=user, out=out / "adapted", pipeline=V2, steps=adapt_steps), progress=False)
+    summary = adapt(AdaptJob(dataset=user, out=out / "adapted", pipeline=pipeline, steps=adapt_steps), progress=False)
     print(f"adapted ({time.time() - t0:.0f} s)", flush=True)
     n_syn = n_common - n_rare
     syn_adapt = {c: _generate(["generate", str(out / "adapted"), "--class", c, "-n", str(n_syn), "--steps", str(steps),
                                "--seed", str(1 + k), "-o", str(out / f"syn_adapt_{c}")])
                  for k, c in enumerate(classes)}
-    syn_base = _generate(["generate", str(V2), "--images", str(user / rare), "-n", str(n_syn), "--steps", str(steps),
+    syn_var = _generate(["generate", str(out / "adapted"), "--images", str(user / rare), "--class", rare,
+                         "--strength", str(strength), "-n", str(n_syn), "--steps", str(steps), "--seed", "11",
+                         "-o", str(out / "syn_adapt_var")])
+    syn_base = _generate(["generate", str(pipeline), "--images", str(user / rare), "-n", str(n_syn), "--steps", str(steps),
                           "-o", str(out / "syn_base")])
     print(f"generated ({time.time() - t0:.0f} s)", flush=True)
 
     real = {c: _read(p) for c, p in real_paths.items()}
     sa = {c: _read(p) for c, p in syn_adapt.items()}
-    sb = _read(syn_base)
+    sb, sv = _read(syn_base), _read(syn_var)
     oracle = _read(oracle_paths)
 
     def stack(parts: dict[str, list[torch.Tensor]]):
@@ -167,6 +174,7 @@ def run(rare: str = "consep", n_rare: int = 8, n_common: int = 64, seeds=(0, 1, 
         "oversample+aug": ({**base, rare: [real[rare].repeat(reps, 1, 1, 1)[:n_common]]}, True),
         "adapt+aug": ({**base, rare: [real[rare], sa[rare]]}, True),
         "adapt_all+aug": ({c: [real[c], sa[c]] for c in classes}, True),
+        "adapt_var+aug": ({**base, rare: [real[rare], sv]}, True),
         "base_var+aug": ({**base, rare: [real[rare], sb]}, True),
         "oracle+aug": ({**base, rare: [oracle]}, True),
     }
@@ -174,7 +182,7 @@ def run(rare: str = "consep", n_rare: int = 8, n_common: int = 64, seeds=(0, 1, 
     test64 = small(test_x.float(), size=64, mode="area").round().to(torch.uint8)
     test_set = torch.utils.data.TensorDataset(test64, test_y)
 
-    pipe = SynthPipeline.from_pretrained(V2)
+    pipe = SynthPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
 
     def embed(x):
@@ -205,20 +213,22 @@ def run(rare: str = "consep", n_rare: int = 8, n_common: int = 64, seeds=(0, 1, 
               f"[{r['cnn_balanced_accuracy']['ci95'][0]:.3f}, {r['cnn_balanced_accuracy']['ci95'][1]:.3f}]  "
               f"{rare} recall {r['cnn_recall'][rare]['mean']:.3f}  probe bal.acc {r['probe_balanced_accuracy']:.3f}",
               flush=True)
-    _grid(real[rare], sa[rare], sb, out / "grid.png")
+    _grid((real[rare], sa[rare], sv, sb), out / "grid.png")
     report = {"task": f"source, rare={rare}", "classes": classes, "n_rare": n_rare, "n_common": n_common,
               "seeds": list(seeds), "epochs": epochs, "adapt": summary, "generation_steps": steps,
+              "pipeline": str(pipeline), "strength": strength,
               "test_counts": {c: int((test_y == k).sum()) for k, c in enumerate(classes)}, "arms": results,
               "seconds": round(time.time() - t0)}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def _grid(real, adapted, base, path: Path, n: int = 8) -> None:
-    """Rows: the real rare tiles, tiles generated by the adapted pipeline, base variations."""
+def _grid(rows, path: Path, n: int = 8) -> None:
+    """Rows: the real rare tiles, tiles generated by the adapted pipeline, its anchored variations,
+    base variations."""
     from PIL import Image
 
-    rows = [t[:n] for t in (real, adapted, base)]
+    rows = [t[:n] for t in rows]
     h = rows[0].shape[-1]
     canvas = np.full((len(rows) * (h + 4), n * (h + 4), 3), 255, np.uint8)
     for r, ims in enumerate(rows):
@@ -237,11 +247,14 @@ def main() -> None:
     ap.add_argument("--adapt-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=20, help="sampling steps of the generated tiles")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "rare_adapt")
+    ap.add_argument("--strength", type=float, default=0.5, help="SDEdit strength of the adapt_var arm")
+    ap.add_argument("--pipeline", type=Path, default=V2, help="the base pipeline to adapt")
     a = ap.parse_args()
-    rep = run(a.rare, a.n_rare, a.n_common, tuple(a.seeds), a.epochs, a.adapt_steps, a.steps, a.out)
+    rep = run(a.rare, a.n_rare, a.n_common, tuple(a.seeds), a.epochs, a.adapt_steps, a.steps, a.out, a.strength,
+              a.pipeline)
     arms = rep["arms"]
     base = arms["oversample+aug"]["cnn_balanced_accuracy"]["mean"]
-    ours = max(arms[k]["cnn_balanced_accuracy"]["mean"] for k in ("adapt+aug", "adapt_all+aug"))
+    ours = arms["adapt+aug"]["cnn_balanced_accuracy"]["mean"]  # the declared arm, not the best one
     print(f"headline: rare_adapt_vs_oversampling_{a.rare} ratio={ours / base:.3f}")
 
 
