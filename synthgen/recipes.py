@@ -329,44 +329,13 @@ class _Steps:
 
     def _condition_masks(self, s: PairedStep) -> Path:
         """The folder of condition label maps: pseudo-labels, procedural or the user's (then augmented)."""
-        import numpy as np
+        from synthgen.workflows.masks import ConditionMasksJob, condition_masks
 
-        from synthgen.data.masks import label_map_files, read_label_map, write_label_map
-        from synthgen.data.nuclei import augment_mask, procedural_nuclei, segment_nuclei
-
-        mpp = self.r.tile.mpp if self.r.tile else 1.0
-        size = self.r.tile.size if self.r.tile else 64
-        d = s.diameter_um / mpp
-        folder = self.out / "paired_masks"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        rng = np.random.default_rng(s.seed)
-        if s.masks == "nuclei":
-            from synthgen.data.datasets import PatchDataset
-
-            ds = PatchDataset(self.out / "tile" / "tiles.csv")
-            idx = rng.permutation(len(ds))
-            masks = []
-            for i in idx:  # tiles with some nuclei, in a seeded order
-                m = segment_nuclei(ds[int(i)]["image"].numpy(), diameter=d)
-                if m.max() >= 3:
-                    masks.append(m)
-                if len(masks) == s.n:
-                    break
-        elif s.masks == "procedural":
-            masks = [procedural_nuclei(size, s.density, d, seed=rng) for _ in range(s.n)]
-        else:
-            files = label_map_files(s.masks)
-            if not files:
-                raise ConfigError(f"paired.masks: {s.masks} has no label maps (and is not 'nuclei' or 'procedural')")
-            masks = [read_label_map(f) for f in files]
-        if not masks:
-            raise ConfigError("paired.masks: no tile of the tile step has nuclei to pseudo-label")
-        for k, m in enumerate(masks):
-            if s.augment:
-                m, _ = augment_mask(m, seed=rng, elastic=2.0, remove=0.1, add=0.1, diameter=d)
-            write_label_map(folder / f"{k:06d}.png", m)
-        return folder
+        t = self.r.tile
+        return condition_masks(ConditionMasksJob(
+            out=self.out / "paired_masks", masks=s.masks, n=s.n, tiles=self.out / "tile" / "tiles.csv",
+            mpp=t.mpp if t else 1.0, size=t.size if t else 64, diameter_um=s.diameter_um, density=s.density,
+            augment=s.augment, seed=s.seed))
 
     def stain(self):
         import numpy as np

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from synthgen.cli.options import guidance_option, mpp_option, steps_option
-from synthgen.data.slides import IMAGE_SUFFIXES
 
 
 @click.group("masks")
@@ -19,10 +18,14 @@ def masks_group():
     """
 
 
-def _diameter(diameter: float | None, mpp: float) -> float:
-    from synthgen.data.nuclei import nucleus_diameter_px
+def _run(fn, job):
+    """A workflow's bad-input errors as usage errors (exit status 2), as the options' own."""
+    from synthgen.config import ConfigError
 
-    return diameter if diameter is not None else nucleus_diameter_px(mpp)
+    try:
+        return fn(job)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
 
 
 _DIAMETER_HELP = "Mean nucleus diameter in pixels [default: 7 um at --mpp]."
@@ -42,50 +45,10 @@ def masks_nuclei(source, out, mpp, diameter, overlay):
     `synthgen tile` (writes OUT/images/NNNNNN.png and OUT/masks/NNNNNN.png: a segmentation
     dataset that `synthgen cache` reads with its masks).
     """
-    import numpy as np
-    from PIL import Image
-    from tqdm.auto import tqdm
+    from synthgen.workflows.masks import NucleiJob, nuclei
 
-    from synthgen.data.masks import write_label_map
-    from synthgen.data.nuclei import segment_nuclei
-
-    d = _diameter(diameter, mpp)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise click.UsageError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        items = ((p.relative_to(source).with_suffix(".png"), lambda p=p: np.asarray(Image.open(p).convert("RGB")))
-                 for p in files)
-        total, mask_dir, image_dir = len(files), out, None
-    else:
-        from synthgen.data.datasets import PatchDataset
-
-        ds = PatchDataset(source)
-        items = ((Path(f"{i:06d}.png"), lambda i=i: ds[i]["image"].permute(1, 2, 0).numpy()) for i in range(len(ds)))
-        total, mask_dir, image_dir = len(ds), out / "masks", out / "images"
-    counts = []
-    for rel, load in tqdm(items, total=total, desc="nuclei", unit="img"):
-        img = load()
-        mask = segment_nuclei(img, diameter=d)
-        counts.append(int(mask.max()))
-        (mask_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        write_label_map(mask_dir / rel, mask)
-        if image_dir is not None:
-            (image_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(image_dir / rel)
-        if overlay:
-            _save_overlay(img, mask, out / "overlays" / rel)
-    click.echo(f"{total} masks ({np.mean(counts):.1f} nuclei per image) -> {mask_dir}")
-
-
-def _save_overlay(img, mask, path: Path) -> None:
-    from PIL import Image
-    from skimage.segmentation import find_boundaries
-
-    ov = img.copy()
-    ov[find_boundaries(mask, mode="inner")] = (0, 255, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(ov).save(path)
+    r = _run(nuclei, NucleiJob(source=source, out=out, mpp=mpp, diameter=diameter, overlay=overlay))
+    click.echo(f"{r.num_masks} masks ({r.mean_nuclei:.1f} nuclei per image) -> {r.mask_dir}")
 
 
 @masks_group.command("procedural")
@@ -101,17 +64,11 @@ def _save_overlay(img, mask, path: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def masks_procedural(out, num, size, density, mpp, diameter, elongation, seed):
     """Random layouts of star-convex nuclei with density and size control."""
-    import numpy as np
+    from synthgen.workflows.masks import ProceduralJob, procedural
 
-    from synthgen.data.masks import write_label_map
-    from synthgen.data.nuclei import procedural_nuclei
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    d = _diameter(diameter, mpp)
-    for i in range(num):
-        write_label_map(out / f"{i:06d}.png", procedural_nuclei(size, density, d, elongation=elongation, seed=rng))
-    click.echo(f"{num} procedural masks ({size} px, density {density}, diameter {d:.1f} px) -> {out}")
+    r = procedural(ProceduralJob(out=out, num=num, size=size, density=density, mpp=mpp, diameter=diameter,
+                                 elongation=elongation, seed=seed))
+    click.echo(f"{num} procedural masks ({size} px, density {density}, diameter {r.diameter:.1f} px) -> {out}")
 
 
 @masks_group.command("augment")
@@ -128,23 +85,11 @@ def masks_procedural(out, num, size, density, mpp, diameter, elongation, seed):
 @click.option("--seed", type=int, default=0, show_default=True)
 def masks_augment(source, out, copies, elastic, remove, add, mpp, diameter, seed):
     """Variants of the label maps in SOURCE: flips/rotations, elastic warps, removed and added nuclei."""
-    import numpy as np
+    from synthgen.workflows.masks import AugmentMasksJob, augment
 
-    from synthgen.data.masks import label_map_files, read_label_map, write_label_map
-    from synthgen.data.nuclei import augment_mask
-
-    files = label_map_files(source)
-    if not files:
-        raise click.UsageError(f"{source}: no label-map images (.png, .tif)")
-    rng = np.random.default_rng(seed)
-    d = _diameter(diameter, mpp)
-    out.mkdir(parents=True, exist_ok=True)
-    for p in files:
-        mask = read_label_map(p)
-        for k in range(copies):
-            aug, _ = augment_mask(mask, seed=rng, elastic=elastic, remove=remove, add=add, diameter=d)
-            write_label_map(out / f"{p.stem}-{k}.png", aug)
-    click.echo(f"{len(files) * copies} masks -> {out}")
+    r = _run(augment, AugmentMasksJob(source=source, out=out, copies=copies, elastic=elastic, remove=remove,
+                                      add=add, mpp=mpp, diameter=diameter, seed=seed))
+    click.echo(f"{r.num_masks} masks -> {out}")
 
 
 @click.command("masks")
@@ -165,58 +110,11 @@ def eval_masks(pipeline, pairs, num, steps, guidance, json_out, grid):
     Each generated image is re-segmented with the nuclei pseudo-labeller; Dice and object F1
     (IoU >= 0.5) against the condition mask are reported for both arms.
     """
-    import json
+    from synthgen.workflows.masks import MaskEvalJob, evaluate
 
-    import numpy as np
-    from PIL import Image
-
-    from synthgen.data.masks import read_label_map
-    from synthgen.metrics.masks import adherence_study
-    from synthgen.pipelines.generate import SynthPipeline
-
-    mask_dir = pairs / "masks" if (pairs / "masks").is_dir() else pairs
-    files = sorted(mask_dir.glob("*.png"))[:num]
-    if not files:
-        raise click.UsageError(f"{mask_dir}: no label-map PNGs")
-    pipe = SynthPipeline.from_pretrained(pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    size = pipe.image_size
-    masks = np.stack([read_label_map(f, size=(size, size)) for f in files])
-    embeddings = None
-    if (pairs / "images").is_dir():
-        missing = [f.name for f in files if not (pairs / "images" / f.name).exists()]
-        if missing:
-            raise click.UsageError(f"{pairs / 'images'}: no image for masks {', '.join(missing[:5])}")
-        imgs = np.stack([np.asarray(Image.open(pairs / "images" / f.name).convert("RGB")) for f in files])
-        embeddings = pipe.encode_images(imgs)
-    rep = adherence_study(pipe, masks, embeddings, num_inference_steps=steps, guidance_scale=guidance)
-    images = rep.pop("images")
-    rep.update(pipeline=str(pipeline), pairs=str(pairs), condition="tile embedding" if embeddings is not None
-               else "mask only", steps=steps, guidance=guidance)
+    rep = _run(evaluate, MaskEvalJob(pipeline=pipeline, pairs=pairs, num=num, steps=steps, guidance=guidance,
+                                     json_out=json_out, grid=grid))
     for arm in ("controlnet", "baseline"):
         r = rep[arm]
         click.echo(f"{arm:>10}: Dice {r['dice']:.3f}  object F1 {r['object_f1']:.3f} "
                    f"(P {r['object_precision']:.3f} R {r['object_recall']:.3f}, {r['num_images']} images)")
-    if json_out:
-        from synthgen._io import atomic_write_text
-
-        atomic_write_text(json_out, json.dumps(rep, indent=1))
-    if grid:
-        _pairs_grid(masks, images["controlnet"], images["baseline"], grid)
-
-
-def _pairs_grid(masks, guided, plain, path: Path, rows: int = 8) -> None:
-    import numpy as np
-    from PIL import Image
-    from skimage.segmentation import find_boundaries
-
-    tiles = []
-    for m, a, b in list(zip(masks, guided, plain, strict=True))[:rows]:
-        outline = np.full(a.shape, 255, np.uint8)
-        outline[m > 0] = (200, 200, 230)
-        outline[find_boundaries(m, mode="inner")] = (40, 40, 160)
-        tiles.append(np.concatenate([outline, a, b], 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = Image.fromarray(np.concatenate(tiles, 0))
-    scale = max(1, 192 // masks.shape[-1])  # small tiles are upscaled (nearest) so nuclei are visible
-    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)

@@ -7,5 +7,7 @@ two never drift apart (a recipe's tiling checks duplicate slide keys exactly as 
 - :mod:`~synthgen.workflows.tile`: slides -> tile table (:class:`TileJob`, :func:`tile`);
 - :mod:`~synthgen.workflows.cache`: tiles or images -> feature cache (:class:`CacheJob`, :func:`cache`);
 - :mod:`~synthgen.workflows.datasets`: an image set from a tile table, a generate output or a folder;
-- :mod:`~synthgen.workflows.audit`: the memorisation audit of a generate output against training data.
+- :mod:`~synthgen.workflows.audit`: the memorisation audit of a generate output against training data;
+- :mod:`~synthgen.workflows.masks`: condition masks (nuclei pseudo-labels, procedural, augmented,
+  a recipe's ``paired:`` set) and the mask-adherence evaluation.
 """
