@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from synthgen.cli.options import audit_threshold_option
+from synthgen.cli.options import audit_threshold_option, run_workflow
 from synthgen.encoders.load import SPEC_HELP
-from synthgen.errors import SynthgenError
 
 
 @click.group("eval")
@@ -36,15 +34,6 @@ def _study_options(f):
     return f
 
 
-def _load_encoder(spec: str):
-    from synthgen.encoders.load import load_encoder
-
-    try:
-        return load_encoder(spec)
-    except SynthgenError as e:
-        raise click.BadParameter(str(e), param_hint="--encoder") from e
-
-
 @eval_group.command("fidelity")
 @click.argument("real", type=click.Path(exists=True, path_type=Path))
 @click.argument("synth", type=click.Path(exists=True, path_type=Path))
@@ -66,18 +55,12 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, seed, json_ou
     REAL and SYNTH are image folders (ImageFolder layout gives per-class results),
     `synthgen generate` outputs (labels read from manifest.json) or tile tables.
     """
+    from synthgen.metrics.handcrafted import format_report
+    from synthgen.workflows.evaluate import FidelityJob, fidelity
 
-    from synthgen.metrics.fidelity import extract_features, fidelity_report
-    from synthgen.metrics.handcrafted import encoder_free_report, format_report
-    from synthgen.workflows.datasets import image_set
-
-    real_ds, synth_ds = image_set(real, size), image_set(synth, size)
-    report = {}
+    report = run_workflow(fidelity, FidelityJob(real=real, synth=synth, encoder=encoder_spec, size=size, k=k,
+                                        n_bootstrap=n_bootstrap, seed=seed, json_out=json_out))
     if encoder_spec:
-        encoder = _load_encoder(encoder_spec)
-        fr, lr = extract_features(encoder, real_ds)
-        fs, ls = extract_features(encoder, synth_ds)
-        report = fidelity_report(fr, fs, lr, ls, k=k, n_bootstrap=n_bootstrap)
         o = report["overall"]
         click.echo(f"real {o['n_real']}  synthetic {o['n_fake']}  ({encoder_spec})")
         click.echo(f"FD {o['fd']['value']:.4f} (95% CI {o['fd']['ci95'][0]:.4f}-{o['fd']['ci95'][1]:.4f})   "
@@ -89,16 +72,13 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, seed, json_ou
             click.echo(f"  class {c}: FD {r['fd']['value']:.4f}  KID {r['kid']['value']:.5f}  "
                        f"(n={r['n_real']}/{r['n_fake']})")
     else:
-        click.echo(f"real {len(real_ds)}  synthetic {len(synth_ds)}  (no encoder: encoder-free FD only)")
-    try:
-        report["encoder_free"] = encoder_free_report(real_ds, synth_ds, seed=seed)
-        for line in format_report(report["encoder_free"]):
+        click.echo(f"real {report['n_real']}  synthetic {report['n_synth']}  (no encoder: encoder-free FD only)")
+    free = report["encoder_free"]
+    if "skipped" in free:
+        click.echo(f"encoder-free FD: {free['skipped']}")
+    else:
+        for line in format_report(free):
             click.echo(line)
-    except ValueError as e:
-        report["encoder_free"] = {"skipped": f"could not compute: {e}"}
-        click.echo(f"encoder-free FD: could not compute: {e}")
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1))
 
 
 @eval_group.command("utility")
@@ -117,37 +97,16 @@ def eval_utility(train_dir, test_dir, pipeline, mode, prior, size, seeds, epochs
 
     TRAIN_DIR and TEST_DIR are ImageFolder layouts (one sub-folder per class).
     """
+    from synthgen.workflows.evaluate import UtilityJob, utility
 
-    rep = _utility(train_dir, test_dir, pipeline, mode, size, seeds, epochs, steps, prior)
+    rep = run_workflow(utility, UtilityJob(train_dir=train_dir, test_dir=test_dir, pipeline=pipeline, mode=mode, size=size,
+                                   seeds=seeds, epochs=epochs, steps=steps, prior=prior, json_out=json_out))
     click.echo(f"rare class: {rep['classes'][rep['rare_class']]}; train counts "
                + ", ".join(f"{rep['classes'][c]} {n}" for c, n in rep["train_counts"].items()))
     for arm, r in rep["arms"].items():
         ba, rr = r["balanced_accuracy"], r["rare_class_recall"]
         click.echo(f"{arm:15s} balanced accuracy {ba['mean']:.3f} [{ba['ci95'][0]:.3f}, {ba['ci95'][1]:.3f}]   "
                    f"rare-class recall {rr['mean']:.3f} [{rr['ci95'][0]:.3f}, {rr['ci95'][1]:.3f}]")
-    if json_out:
-        json_out.write_text(json.dumps(rep, indent=1))
-
-
-def _utility(train_dir: Path, test_dir: Path, pipeline: Path, mode: str, size: int, seeds: int, epochs: int,
-             steps: int, prior: Path | None = None) -> dict:
-    """The utility study on two ImageFolder layouts; the result carries the class names and the
-    generator's mode (and prior)."""
-    from synthgen.augment import PipelineGenerator
-    from synthgen.data.datasets import ImageListDataset
-    from synthgen.studies.utility import utility_study
-
-    train = ImageListDataset.from_folder(train_dir, size=size)
-    test = ImageListDataset.from_folder(test_dir, size=size)
-    if train.labels is None or test.labels is None or train.classes != test.classes:
-        raise click.UsageError("TRAIN_DIR and TEST_DIR need the same class sub-folders")
-    if prior is not None and mode != "prior":
-        raise click.UsageError("--prior is for --mode prior")
-    kw = {"classes": train.classes, "prior": prior} if mode == "prior" else {}
-    gen = PipelineGenerator(str(pipeline), mode=mode, num_inference_steps=steps, **kw)
-    rep = utility_study(train, test, train.labels, gen, seeds=tuple(range(seeds)), epochs=epochs)
-    source = {"mode": gen.mode, **({"prior": str(gen.prior_source)} if mode == "prior" else {})}
-    return {"classes": train.classes, "generator": source, **rep}
 
 
 @eval_group.command("report")
@@ -188,28 +147,17 @@ def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_agai
     REAL and SYNTH are read as in `eval fidelity`. Sections whose inputs are not given are
     skipped, and the report says which and why.
     """
-    from synthgen.metrics.report import write_report
-    from synthgen.workflows.datasets import image_set, mask_pairs
+    from synthgen.workflows.evaluate import ReportJob, UtilityJob, report
 
     study = {"--utility-train": utility_train, "--utility-test": utility_test, "--pipeline": pipeline}
     given = [name for name, v in study.items() if v is not None]
     if given and len(given) < 3:
         raise click.UsageError(f"{', '.join(given)} need(s) {', '.join(n for n in study if n not in given)} too")
-    if given and utility_json:
-        raise click.UsageError("give either the utility study options or --utility-json, not both")
-    if audit_against is not None and not encoder_spec:
-        raise click.UsageError("--audit-against needs --encoder")
-    encoder = _load_encoder(encoder_spec) if encoder_spec else None
-    real_ds, synth_ds = image_set(real, size), image_set(synth, size)
-    audit_ds = None
-    if audit_against is not None:
-        audit_ds = real_ds if audit_against == real else image_set(audit_against, size)
-    utility = _utility(utility_train, utility_test, pipeline, mode, utility_size, seeds, epochs, steps, prior) if given \
-        else utility_json
-    rep = write_report(out, real_ds, synth_ds, encoder, utility=utility, audit_train=audit_ds,
-                       audit_threshold=audit_threshold, masks=masks, stain=stain, k=k, n_bootstrap=n_bootstrap,
-                       sources={"real": str(real), "synthetic": str(synth), "encoder": encoder_spec},
-                       mask_pairs=mask_pairs(synth))
+    util = UtilityJob(train_dir=utility_train, test_dir=utility_test, pipeline=pipeline, mode=mode, size=utility_size,
+                      seeds=seeds, epochs=epochs, steps=steps, prior=prior) if given else None
+    rep = run_workflow(report, ReportJob(real=real, synth=synth, out=out, encoder=encoder_spec, size=size, k=k,
+                                 n_bootstrap=n_bootstrap, audit_against=audit_against, audit_threshold=audit_threshold,
+                                 utility=util, utility_json=utility_json, masks=masks, stain=stain))
     for name, reason in rep["skipped"].items():
         click.echo(f"skipped {name}: {reason}")
     free = rep["encoder_free"]

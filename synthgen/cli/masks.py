@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from synthgen.cli.options import guidance_option, mpp_option, steps_option
+from synthgen.cli.options import guidance_option, mpp_option, run_workflow, steps_option
 
 
 @click.group("masks")
@@ -16,16 +16,6 @@ def masks_group():
     Masks are label-map PNGs (0 = background, 1..N = nuclei), the format `synthgen generate
     --masks` and the mask-guided pipeline read.
     """
-
-
-def _run(fn, job):
-    """A workflow's bad-input errors as usage errors (exit status 2), as the options' own."""
-    from synthgen.config import ConfigError
-
-    try:
-        return fn(job)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
 
 
 _DIAMETER_HELP = "Mean nucleus diameter in pixels [default: 7 um at --mpp]."
@@ -47,7 +37,7 @@ def masks_nuclei(source, out, mpp, diameter, overlay):
     """
     from synthgen.workflows.masks import NucleiJob, nuclei
 
-    r = _run(nuclei, NucleiJob(source=source, out=out, mpp=mpp, diameter=diameter, overlay=overlay))
+    r = run_workflow(nuclei, NucleiJob(source=source, out=out, mpp=mpp, diameter=diameter, overlay=overlay))
     click.echo(f"{r.num_masks} masks ({r.mean_nuclei:.1f} nuclei per image) -> {r.mask_dir}")
 
 
@@ -87,7 +77,7 @@ def masks_augment(source, out, copies, elastic, remove, add, mpp, diameter, seed
     """Variants of the label maps in SOURCE: flips/rotations, elastic warps, removed and added nuclei."""
     from synthgen.workflows.masks import AugmentMasksJob, augment
 
-    r = _run(augment, AugmentMasksJob(source=source, out=out, copies=copies, elastic=elastic, remove=remove,
+    r = run_workflow(augment, AugmentMasksJob(source=source, out=out, copies=copies, elastic=elastic, remove=remove,
                                       add=add, mpp=mpp, diameter=diameter, seed=seed))
     click.echo(f"{r.num_masks} masks -> {out}")
 
@@ -112,7 +102,7 @@ def eval_masks(pipeline, pairs, num, steps, guidance, json_out, grid):
     """
     from synthgen.workflows.masks import MaskEvalJob, evaluate
 
-    rep = _run(evaluate, MaskEvalJob(pipeline=pipeline, pairs=pairs, num=num, steps=steps, guidance=guidance,
+    rep = run_workflow(evaluate, MaskEvalJob(pipeline=pipeline, pairs=pairs, num=num, steps=steps, guidance=guidance,
                                      json_out=json_out, grid=grid))
     for arm in ("controlnet", "baseline"):
         r = rep[arm]

@@ -41,3 +41,14 @@ def class_option(help: str):  # noqa: A002
 def audit_threshold_option():
     return click.option("--audit-threshold", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
                         help="Flag items nearer to a training item than this fraction of the median real-to-real distance.")
+
+
+def run_workflow(fn, job):
+    """``fn(job)``, with the workflow's bad-input errors (ConfigError) as usage errors (exit status 2,
+    as the options' own)."""
+    from synthgen.config import ConfigError
+
+    try:
+        return fn(job)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e

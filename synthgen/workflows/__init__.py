@@ -9,5 +9,6 @@ two never drift apart (a recipe's tiling checks duplicate slide keys exactly as 
 - :mod:`~synthgen.workflows.datasets`: an image set from a tile table, a generate output or a folder;
 - :mod:`~synthgen.workflows.audit`: the memorisation audit of a generate output against training data;
 - :mod:`~synthgen.workflows.masks`: condition masks (nuclei pseudo-labels, procedural, augmented,
-  a recipe's ``paired:`` set) and the mask-adherence evaluation.
+  a recipe's ``paired:`` set) and the mask-adherence evaluation;
+- :mod:`~synthgen.workflows.evaluate`: fidelity, the utility study and the combined report.
 """
