@@ -34,6 +34,17 @@ def _study_options(f):
     return f
 
 
+def _echo_encoder_free(free: dict) -> None:
+    """The encoder-free FD lines of a report (or why it was not computed)."""
+    from synthgen.metrics.handcrafted import format_report
+
+    if "skipped" in free:
+        click.echo(f"encoder-free FD not computed: {free['skipped']}")
+        return
+    for line in format_report(free):
+        click.echo(line)
+
+
 @eval_group.command("fidelity")
 @click.argument("real", type=click.Path(exists=True, path_type=Path))
 @click.argument("synth", type=click.Path(exists=True, path_type=Path))
@@ -55,11 +66,11 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, seed, json_ou
     REAL and SYNTH are image folders (ImageFolder layout gives per-class results),
     `synthgen generate` outputs (labels read from manifest.json) or tile tables.
     """
-    from synthgen.metrics.handcrafted import format_report
     from synthgen.workflows.evaluate import FidelityJob, fidelity
 
-    report = run_workflow(fidelity, FidelityJob(real=real, synth=synth, encoder=encoder_spec, size=size, k=k,
-                                        n_bootstrap=n_bootstrap, seed=seed, json_out=json_out))
+    job = FidelityJob(real=real, synth=synth, encoder=encoder_spec, size=size, k=k, n_bootstrap=n_bootstrap,
+                      seed=seed, json_out=json_out)
+    report = run_workflow(fidelity, job)
     if encoder_spec:
         o = report["overall"]
         click.echo(f"real {o['n_real']}  synthetic {o['n_fake']}  ({encoder_spec})")
@@ -73,12 +84,7 @@ def eval_fidelity(real, synth, encoder_spec, size, k, n_bootstrap, seed, json_ou
                        f"(n={r['n_real']}/{r['n_fake']})")
     else:
         click.echo(f"real {report['n_real']}  synthetic {report['n_synth']}  (no encoder: encoder-free FD only)")
-    free = report["encoder_free"]
-    if "skipped" in free:
-        click.echo(f"encoder-free FD: {free['skipped']}")
-    else:
-        for line in format_report(free):
-            click.echo(line)
+    _echo_encoder_free(report["encoder_free"])
 
 
 @eval_group.command("utility")
@@ -99,8 +105,9 @@ def eval_utility(train_dir, test_dir, pipeline, mode, prior, size, seeds, epochs
     """
     from synthgen.workflows.evaluate import UtilityJob, utility
 
-    rep = run_workflow(utility, UtilityJob(train_dir=train_dir, test_dir=test_dir, pipeline=pipeline, mode=mode, size=size,
-                                   seeds=seeds, epochs=epochs, steps=steps, prior=prior, json_out=json_out))
+    job = UtilityJob(train_dir=train_dir, test_dir=test_dir, pipeline=pipeline, mode=mode, size=size, seeds=seeds,
+                     epochs=epochs, steps=steps, prior=prior, json_out=json_out)
+    rep = run_workflow(utility, job)
     click.echo(f"rare class: {rep['classes'][rep['rare_class']]}; train counts "
                + ", ".join(f"{rep['classes'][c]} {n}" for c, n in rep["train_counts"].items()))
     for arm, r in rep["arms"].items():
@@ -155,17 +162,11 @@ def eval_report(real, synth, out, encoder_spec, size, k, n_bootstrap, audit_agai
         raise click.UsageError(f"{', '.join(given)} need(s) {', '.join(n for n in study if n not in given)} too")
     util = UtilityJob(train_dir=utility_train, test_dir=utility_test, pipeline=pipeline, mode=mode, size=utility_size,
                       seeds=seeds, epochs=epochs, steps=steps, prior=prior) if given else None
-    rep = run_workflow(report, ReportJob(real=real, synth=synth, out=out, encoder=encoder_spec, size=size, k=k,
-                                 n_bootstrap=n_bootstrap, audit_against=audit_against, audit_threshold=audit_threshold,
-                                 utility=util, utility_json=utility_json, masks=masks, stain=stain))
+    job = ReportJob(real=real, synth=synth, out=out, encoder=encoder_spec, size=size, k=k, n_bootstrap=n_bootstrap,
+                    audit_against=audit_against, audit_threshold=audit_threshold, utility=util,
+                    utility_json=utility_json, masks=masks, stain=stain)
+    rep = run_workflow(report, job)
     for name, reason in rep["skipped"].items():
         click.echo(f"skipped {name}: {reason}")
-    free = rep["encoder_free"]
-    if "skipped" in free:
-        click.echo(f"encoder-free FD not computed: {free['skipped']}")
-    else:
-        from synthgen.metrics.handcrafted import format_report
-
-        for line in format_report(free):
-            click.echo(line)
+    _echo_encoder_free(rep["encoder_free"])
     click.echo(f"report ({', '.join(rep['sections']) or 'samples only'}) -> {out / 'report.md'}, {out / 'report.html'}")

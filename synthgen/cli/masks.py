@@ -37,7 +37,8 @@ def masks_nuclei(source, out, mpp, diameter, overlay):
     """
     from synthgen.workflows.masks import NucleiJob, nuclei
 
-    r = run_workflow(nuclei, NucleiJob(source=source, out=out, mpp=mpp, diameter=diameter, overlay=overlay))
+    job = NucleiJob(source=source, out=out, mpp=mpp, diameter=diameter, overlay=overlay)
+    r = run_workflow(nuclei, job)
     click.echo(f"{r.num_masks} masks ({r.mean_nuclei:.1f} nuclei per image) -> {r.mask_dir}")
 
 
@@ -77,8 +78,9 @@ def masks_augment(source, out, copies, elastic, remove, add, mpp, diameter, seed
     """Variants of the label maps in SOURCE: flips/rotations, elastic warps, removed and added nuclei."""
     from synthgen.workflows.masks import AugmentMasksJob, augment
 
-    r = run_workflow(augment, AugmentMasksJob(source=source, out=out, copies=copies, elastic=elastic, remove=remove,
-                                      add=add, mpp=mpp, diameter=diameter, seed=seed))
+    job = AugmentMasksJob(source=source, out=out, copies=copies, elastic=elastic, remove=remove, add=add, mpp=mpp,
+                          diameter=diameter, seed=seed)
+    r = run_workflow(augment, job)
     click.echo(f"{r.num_masks} masks -> {out}")
 
 
@@ -102,8 +104,9 @@ def eval_masks(pipeline, pairs, num, steps, guidance, json_out, grid):
     """
     from synthgen.workflows.masks import MaskEvalJob, evaluate
 
-    rep = run_workflow(evaluate, MaskEvalJob(pipeline=pipeline, pairs=pairs, num=num, steps=steps, guidance=guidance,
-                                     json_out=json_out, grid=grid))
+    job = MaskEvalJob(pipeline=pipeline, pairs=pairs, num=num, steps=steps, guidance=guidance, json_out=json_out,
+                      grid=grid)
+    rep = run_workflow(evaluate, job)
     for arm in ("controlnet", "baseline"):
         r = rep[arm]
         click.echo(f"{arm:>10}: Dice {r['dice']:.3f}  object F1 {r['object_f1']:.3f} "
