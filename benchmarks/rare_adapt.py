@@ -26,8 +26,9 @@ Two classifiers per arm: the small CNN of ``synthgen.studies.utility`` trained f
 ``--seeds``), and a logistic-regression probe on the v2 SSL encoder's pooled embedding (one fit:
 it is deterministic). Reported: balanced accuracy and per-class recall, mean with a 95% t
 interval over seeds. The headline is the ``adapt+aug`` arm (the workflow the README gives a user:
-adapt, then ``generate --class``), declared before the runs, not the best arm. Limit, said in BENCHMARKS.md: the shipped v2 generator was trained on every
-training tile of these four sources, so the rare source is not new to it as a lab's would be.
+adapt, then ``generate --class``), declared before the runs, not the best arm. Limit, said in
+BENCHMARKS.md: the shipped v2 generator was trained on every training tile of these four sources,
+so the rare source is not new to it as a lab's would be.
 
     OMP_NUM_THREADS=2 python benchmarks/rare_adapt.py --rare consep      # about 25 min on 2 CPU cores
 """

@@ -232,7 +232,6 @@ def apply_realism(manifest_path, realism, reference: str) -> dict:
     ``realism_score`` and ``realistic`` (and ``class_accepted``: the class check's verdict, where
     it ran); ``accepted`` becomes class check passed (where it ran) and realistic; ``acceptance_rate`` is recomputed (the class check's own rate is kept as
     ``class_acceptance_rate``) and ``realism`` summarises the check. Returns the manifest."""
-
     import numpy as np
     from PIL import Image
 
