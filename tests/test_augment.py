@@ -94,7 +94,7 @@ def tiny_pipeline(tmp_path_factory):
     from synthgen.models.presets import denoiser_config, encoder_config
     from synthgen.models.vae import VAE
     from synthgen.pipelines.generate import SynthPipeline
-    from synthgen.pipelines.sampling import make_scheduler
+    from synthgen.sampling import make_scheduler
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("aug") / "pipe"

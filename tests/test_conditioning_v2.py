@@ -19,7 +19,7 @@ from synthgen.models.denoiser import Denoiser
 from synthgen.models.presets import denoiser_config
 from synthgen.models.vae import VAE
 from synthgen.pipelines.generate import SynthPipeline
-from synthgen.pipelines.sampling import make_scheduler, sample_latents
+from synthgen.sampling import make_scheduler, sample_latents
 from synthgen.training.tasks import DenoiserTask
 from synthgen.training.trainer import train
 

@@ -153,7 +153,7 @@ def _x0(out, x, sched, i, sampler, prediction):
 def test_clamp_denoised_bounds_x0_and_keeps_in_range_outputs(sampler, prediction):
     """The clipped output's x0 (recovered with the scheduler's own formulas) lies in the bounds,
     per channel; where x0 was already inside them the output is unchanged."""
-    from synthgen.pipelines.sampling import clamp_denoised, make_scheduler
+    from synthgen.sampling import clamp_denoised, make_scheduler
 
     sched = make_scheduler(prediction, sampler)
     sched.set_timesteps(10)
@@ -174,7 +174,7 @@ def test_clamp_denoised_bounds_x0_and_keeps_in_range_outputs(sampler, prediction
 
 
 def test_clip_denoised_bounds_are_checked():
-    from synthgen.pipelines.sampling import clamp_denoised, make_scheduler
+    from synthgen.sampling import clamp_denoised, make_scheduler
 
     sched = make_scheduler("epsilon")
     sched.set_timesteps(4)

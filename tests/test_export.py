@@ -20,7 +20,7 @@ def generated(cmu, tmp_path_factory):
     from synthgen.models.presets import denoiser_config, encoder_config
     from synthgen.models.vae import VAE
     from synthgen.pipelines.generate import SynthPipeline
-    from synthgen.pipelines.sampling import make_scheduler
+    from synthgen.sampling import make_scheduler
 
     root = tmp_path_factory.mktemp("export")
     slide = root / "TCGA-AA-1234-01Z-00-DX1.svs"

@@ -15,7 +15,7 @@ from conftest import SMALL
 from synthgen.config import ConfigError, load_train_config
 from synthgen.errors import CheckpointError
 from synthgen.pipelines.generate import SynthPipeline
-from synthgen.pipelines.sampling import CLIP_DENOISED, sample_latents
+from synthgen.sampling import CLIP_DENOISED, sample_latents
 from synthgen.training.distill import boundary_scalings, lcm_scheduler
 from synthgen.training.trainer import train
 

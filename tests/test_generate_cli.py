@@ -18,7 +18,7 @@ from synthgen.models.presets import denoiser_config, encoder_config
 from synthgen.models.prior import EmbeddingPrior
 from synthgen.models.vae import VAE
 from synthgen.pipelines.generate import SynthPipeline
-from synthgen.pipelines.sampling import make_scheduler
+from synthgen.sampling import make_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_assemble_reads_the_objective_of_therun_cli(setup, tmp_path):
 
 def test_sampler_option_keeps_the_pipelines_objective_cli(setup, tmp_path):
     """--sampler switches the solver, never what the model predicts (a flow pipeline stays flow)."""
-    from synthgen.pipelines.sampling import prediction_of, scheduler_for
+    from synthgen.sampling import prediction_of, scheduler_for
 
     flow = tmp_path / "flow"
     pipe = SynthPipeline.from_pretrained(setup / "pipe")

@@ -161,7 +161,7 @@ def tiny_pipe(tmp_path_factory):
     from synthgen.models.presets import denoiser_config, encoder_config
     from synthgen.models.vae import VAE
     from synthgen.pipelines.generate import SynthPipeline
-    from synthgen.pipelines.sampling import make_scheduler
+    from synthgen.sampling import make_scheduler
 
     root = tmp_path_factory.mktemp("pipe")
     torch.manual_seed(0)

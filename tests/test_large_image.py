@@ -8,7 +8,7 @@ from synthgen.models.presets import denoiser_config
 from synthgen.models.vae import VAE
 from synthgen.pipelines.generate import SynthPipeline
 from synthgen.pipelines.large_image import generate_large, window_starts, write_pyramidal_tiff
-from synthgen.pipelines.sampling import make_scheduler
+from synthgen.sampling import make_scheduler
 
 
 @pytest.fixture(scope="module")

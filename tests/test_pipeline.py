@@ -7,7 +7,7 @@ from synthgen.models.denoiser import Denoiser
 from synthgen.models.presets import denoiser_config, encoder_config
 from synthgen.models.vae import VAE
 from synthgen.pipelines.generate import SynthPipeline
-from synthgen.pipelines.sampling import make_scheduler
+from synthgen.sampling import make_scheduler
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def test_synthesizer_modes_end_to_end(bank):
     from synthgen.models.presets import denoiser_config
     from synthgen.models.vae import VAE
     from synthgen.pipelines.generate import SynthPipeline
-    from synthgen.pipelines.sampling import make_scheduler
+    from synthgen.sampling import make_scheduler
 
     embs, labels = bank
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ def test_source_channels_start_as_the_base_model(base, tmp_path):
 def test_image_guidance_is_separate_from_embedding_guidance(base):
     """Image guidance 1 is plain guidance on the embedding with the source in both passes; another
     image scale changes the result; the sampler is deterministic per generator."""
-    from synthgen.pipelines.sampling import make_scheduler, sample_latents
+    from synthgen.sampling import make_scheduler, sample_latents
 
     net = _perturbed(base)
     g = torch.Generator().manual_seed(1)

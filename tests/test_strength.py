@@ -63,7 +63,7 @@ def test_strength_with_a_flow_scheduler():
     the initial latents; at strength 1 it ignores them."""
     from synthgen.models.denoiser import Denoiser
     from synthgen.models.presets import denoiser_config
-    from synthgen.pipelines.sampling import make_scheduler, sample_latents
+    from synthgen.sampling import make_scheduler, sample_latents
 
     torch.manual_seed(0)
     model = Denoiser(**denoiser_config("tiny")).eval()

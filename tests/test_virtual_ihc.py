@@ -98,8 +98,8 @@ def test_stain_pipeline_and_cli(tmp_path, data_dir):
     from synthgen.models.stain import StainTranslator
     from synthgen.models.vae import VAE
     from synthgen.pipelines.generate import SynthPipeline
-    from synthgen.pipelines.sampling import make_scheduler
     from synthgen.pipelines.stain import load_stain, virtual_stain
+    from synthgen.sampling import make_scheduler
 
     torch.manual_seed(0)
     p = SynthPipeline(Denoiser(**denoiser_config("tiny")).eval(), VAE.from_preset("tiny").model.eval(),

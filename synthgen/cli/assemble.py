@@ -37,7 +37,7 @@ def assemble(out, denoiser, vae, encoder, prediction, sampler, controlnet, mpp):
     from synthgen.models.denoiser import Denoiser
     from synthgen.models.vae import StrictAutoencoderKL
     from synthgen.pipelines.generate import SynthPipeline
-    from synthgen.pipelines.sampling import make_scheduler
+    from synthgen.sampling import make_scheduler
 
     run_cfg = Path(denoiser).parent / "config.json"
     run = json.loads(run_cfg.read_text()) if run_cfg.exists() else {}

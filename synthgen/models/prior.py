@@ -12,6 +12,7 @@ predicts v = e - x_0, and sampling integrates dx/dt = v from t = 1 (noise) to t 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -114,23 +115,42 @@ class EmbeddingPrior(StrictLoadMixin, ModelMixin, ConfigMixin):
 
         ``generator``: one for the batch, or a list of one per item (then item i depends only on
         generator i, whatever else is in the batch)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from synthgen.sampling import sample_latents
+
         p = next(self.parameters())
         labels = torch.as_tensor(labels, dtype=torch.long, device=p.device).flatten()
         if (labels >= self.config.num_classes).any():
             raise ValueError(f"labels must be < num_classes={self.config.num_classes} (or -1 for any class)")
-        d = self.mean.numel()
         if isinstance(generator, list | tuple):
             if len(generator) != len(labels):
                 raise ValueError(f"{len(generator)} generators for {len(labels)} items")
-            x = torch.stack([torch.randn(d, generator=g) for g in generator]).to(p.device, torch.float32)
         else:
-            x = torch.randn(len(labels), d, generator=generator).to(p.device, torch.float32)
-        ts = torch.linspace(1.0, 0.0, num_steps + 1, device=p.device)
-        for i in range(num_steps):
-            t = ts[i].expand(len(x))
-            v = self(x, t, labels, **cond)
-            if guidance_scale != 1.0:
-                v_u = self(x, t, torch.full_like(labels, -1), **cond)
-                v = v_u + guidance_scale * (v - v_u)
-            x = x + (ts[i + 1] - ts[i]) * v
-        return self.denormalize(x)
+            generator = [generator] * len(labels)  # one generator (or the global one) drawn item after item
+        # Euler on t = 1, 1 - 1/N, ..., 0: the flow-matching scheduler with N training timesteps
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_steps, shift=1.0)
+        x = sample_latents(_VelocityField(self, num_steps), scheduler, {"class_labels": labels, **cond},
+                           list(generator), num_steps=num_steps, guidance_scale=guidance_scale, guide=["class_labels"])
+        return self.denormalize(x.flatten(1))
+
+
+class _VelocityField:
+    """An :class:`EmbeddingPrior` as the sampling loop's model (:func:`synthgen.sampling.sample_latents`):
+    a flattened embedding is a (D, 1, 1) latent, the loop's timestep (sigma times the scheduler's
+    ``num_train_timesteps``) is the net's t in [0, 1], and the class label, null -1, is the guided
+    condition; other conditions (a translator's source) stay in both guidance passes."""
+
+    def __init__(self, net: EmbeddingPrior, num_train_timesteps: int):
+        self.net, self.T = net, num_train_timesteps
+        self.config = SimpleNamespace(in_channels=net.mean.numel(), sample_size=1)
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def null_conditions(self, batch: int, device=None) -> dict[str, torch.Tensor]:
+        return {"class_labels": torch.full((batch,), -1, dtype=torch.long, device=device)}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor, **cond) -> SimpleNamespace:
+        v = self.net(x.flatten(1).float(), t.float() / self.T, class_labels, **cond)
+        return SimpleNamespace(sample=v[:, :, None, None])

@@ -19,7 +19,7 @@ from diffusers.utils import BaseOutput
 from synthgen import seeding
 from synthgen.config import SAMPLING
 from synthgen.pipelines.precision import autocast, resolve_dtype
-from synthgen.pipelines.sampling import CLIP_DENOISED, SAMPLERS, sample_latents, scheduler_for
+from synthgen.sampling import CLIP_DENOISED, SAMPLERS, sample_latents, scheduler_for
 
 
 @dataclass

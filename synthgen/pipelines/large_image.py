@@ -50,7 +50,7 @@ def _weights(window: int, device) -> torch.Tensor:
 
 class WindowedDenoiser:
     """A denoiser over a latent canvas larger than its window, as a model function the one
-    sampling loop (:func:`~synthgen.pipelines.sampling.sample_latents`) calls like the denoiser
+    sampling loop (:func:`~synthgen.sampling.sample_latents`) calls like the denoiser
     itself (the k-diffusion way of adding behaviour: wrap the model, keep the sampler).
 
     Each call crops the canvas into overlapping windows, runs the denoiser on all of them as one
@@ -107,7 +107,7 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
         size: output side in pixels (a multiple of the VAE's downscale factor).
         overlap: window overlap in pixels (default: half a window).
         seed: the canvas noise seed.
-        guidance_interval: as for :func:`~synthgen.pipelines.sampling.sample_latents`.
+        guidance_interval: as for :func:`~synthgen.sampling.sample_latents`.
         dtype: compute precision as for the pipeline call (default: ``pipe.inference_dtype``,
             ``auto``: bfloat16 autocast where the device has fast bf16).
 
@@ -116,7 +116,7 @@ def generate_large(pipe, embeddings: torch.Tensor, size: int, overlap: int | Non
     """
     from synthgen.models.vae import VAE, to_uint8
     from synthgen.pipelines.precision import autocast, resolve_dtype
-    from synthgen.pipelines.sampling import sample_latents
+    from synthgen.sampling import sample_latents
 
     model = pipe.transformer
     cfg = model.config

@@ -163,7 +163,7 @@ class ConsistencyTask(DenoiserTask):
 
     def _preview_latents(self, net, conds: dict, n: int) -> tuple[torch.Tensor, int]:
         """Student samples in 1, 2 and 4 LCM steps (one grid row each) for the first 8 items."""
-        from synthgen.pipelines.sampling import sample_latents
+        from synthgen.sampling import sample_latents
 
         n = min(8, n)
         conds = {key: v[:n] for key, v in conds.items()}

@@ -287,7 +287,7 @@ class DenoiserTask(Task):
 
     def _preview_latents(self, net, conds: dict, n: int) -> tuple[torch.Tensor, int]:
         """The preview's latents (seeds 0..n-1) and images per grid row: 20 guided steps."""
-        from synthgen.pipelines.sampling import make_scheduler, sample_latents
+        from synthgen.sampling import make_scheduler, sample_latents
 
         o = self.cfg.objective
         sched = make_scheduler(o.kind, "dpm++" if o.kind != "flow" else "flow-euler", o.num_train_timesteps,

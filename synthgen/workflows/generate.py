@@ -407,7 +407,7 @@ def _conditions(job: GenerateJob, mode: str | None):
 def _load_pipeline(job: GenerateJob, device, mask_files):
     """The job's pipeline on ``device``, with its dtype, sampler and mask branch."""
     from synthgen.pipelines.generate import SynthPipeline
-    from synthgen.pipelines.sampling import scheduler_for
+    from synthgen.sampling import scheduler_for
 
     pipe = SynthPipeline.from_pretrained(job.pipeline).to(device)
     pipe.set_progress_bar_config(disable=True)
