@@ -215,49 +215,111 @@ class DataConfig:
             raise ConfigError("data.crop_stride, data.dihedral: need data.crop")
 
 
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """The training objective. Most fields apply to some tasks only (``OBJECTIVE_FIELDS_OF``): a
-    config that sets one away from its default for another task is refused.
+def _probability(path: str, value: float, closed: bool = False) -> None:
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):
+        raise ConfigError(f"{path}: must be in [0, 1{']' if closed else ')'}, got {value}")
 
-    ``epsilon`` and ``v_prediction`` use a DDPM noise schedule of ``num_train_timesteps`` steps;
-    ``flow`` is rectified flow (x_t = (1 - t) x_0 + t noise, target noise - x_0).
-    Timestep sampling: ``uniform``, or ``logit_normal`` (SD3; concentrates on middle noise levels).
-    """
+
+# The objective section of a training config: one class per kind of task (``OBJECTIVE_OF``), so a
+# field set for a task that never reads it is an unknown field, named with what the task allows.
+@dataclass(frozen=True)
+class GuidedObjectiveConfig:
+    """Any conditional model sampled with classifier-free guidance (the embedding prior, the
+    stain translator, and the base of every diffusion objective)."""
+
+    cfg_dropout: float = 0.1  # probability of replacing all conditions together by their learned nulls
+
+    def __post_init__(self):
+        _probability("objective.cfg_dropout", self.cfg_dropout)
+
+
+@dataclass(frozen=True)
+class DiffusionObjectiveConfig(GuidedObjectiveConfig):
+    """A denoiser (tasks denoiser and controlnet). ``epsilon`` and ``v_prediction`` use a DDPM
+    noise schedule of ``num_train_timesteps`` steps; ``flow`` is rectified flow
+    (x_t = (1 - t) x_0 + t noise, target noise - x_0). Timestep sampling: ``uniform``, or
+    ``logit_normal`` (SD3; concentrates on middle noise levels)."""
 
     kind: Literal["epsilon", "v_prediction", "flow"] = "epsilon"
     timesteps: Literal["uniform", "logit_normal"] = "uniform"
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    cfg_dropout: float = 0.1  # probability of replacing all conditions together by their learned nulls
-    # denoiser with several conditions: each is also replaced by its own null alone, independently,
-    # with these probabilities (on top of cfg_dropout), so guidance can drop each one at sampling
+    # with several conditions, each is also replaced by its own null alone, independently, with
+    # these probabilities (on top of cfg_dropout), so guidance can drop each one at sampling
     cfg_dropout_embeddings: float = 0.0
     cfg_dropout_labels: float = 0.0
     cfg_dropout_sources: float = 0.0
-    cfg_dropout_image: float = 0.0  # stain_denoiser: the source image's latents alone (zeros, InstructPix2Pix)
-    # consistency distillation only (synthgen.training.distill): the guidance scale folded into the
-    # student, the teacher's DDIM skip in timesteps (T / skip points), the pseudo-Huber constant,
-    # the decay of the target network, an EMA of the student (LCM's 0.95; 0: the student itself
-    # under a stop-gradient, as in improved consistency training)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive("objective.num_train_timesteps", self.num_train_timesteps)
+        for name in ("cfg_dropout_embeddings", "cfg_dropout_labels", "cfg_dropout_sources"):
+            _probability(f"objective.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True)
+class StainObjectiveConfig(DiffusionObjectiveConfig):
+    """Task stain_denoiser: also drops the source image's latents alone (zeros, InstructPix2Pix)."""
+
+    cfg_dropout_image: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _probability("objective.cfg_dropout_image", self.cfg_dropout_image)
+
+
+@dataclass(frozen=True)
+class ConsistencyObjectiveConfig(DiffusionObjectiveConfig):
+    """Task consistency (synthgen.training.distill): the guidance scale folded into the student,
+    the teacher's DDIM skip in timesteps (T / skip points), the pseudo-Huber constant, and the
+    decay of the target network, an EMA of the student (LCM's 0.95; 0: the student itself under
+    a stop-gradient, as in improved consistency training)."""
+
     distill_guidance: float = 2.0
     distill_skip: int = 20
     huber_c: float = 0.001
     distill_target_decay: float = 0.95
-    kl_weight: float = 1e-6  # VAE only
-    # VAE only, the sharpness terms (synthgen.models.discriminator): L1 on image gradients, L1 on
-    # log Fourier amplitudes, and a PatchGAN hinge loss whose generator term starts at
-    # adversarial_start (the discriminator trains from step 0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"objective.kind: task consistency distils an epsilon or v_prediction teacher, got {self.kind}")
+        _probability("objective.distill_target_decay", self.distill_target_decay)
+        if self.distill_skip < 1 or self.num_train_timesteps % self.distill_skip:
+            raise ConfigError(f"objective.distill_skip: must divide num_train_timesteps ({self.num_train_timesteps}), "
+                              f"got {self.distill_skip}")
+        _positive("objective.huber_c", self.huber_c)
+
+
+@dataclass(frozen=True)
+class VAEObjectiveConfig:
+    """Task vae: the KL weight and the sharpness terms (synthgen.models.discriminator): L1 on
+    image gradients, L1 on log Fourier amplitudes, and a PatchGAN hinge loss whose generator term
+    starts at adversarial_start (the discriminator trains from step 0)."""
+
+    kl_weight: float = 1e-6
     gradient_weight: float = 0.0
     frequency_weight: float = 0.0
     adversarial_weight: float = 0.0
     adversarial_start: int = 0
     disc_width: int = 32
     disc_layers: int = 3
-    # SSL only (synthgen.encoders.ssl): SimCLR (NT-Xent at `temperature`) or DINO (EMA teacher
-    # from teacher_momentum, cosine to 1; student at `temperature`, 0.1 in the paper; teacher
-    # sharpened at teacher_temperature over dino_prototypes; local_crops small student views).
-    # View augmentation: HED stain jitter bounds (0 = off) and the probability of a Gaussian blur.
+
+    def __post_init__(self):
+        for name in ("kl_weight", "gradient_weight", "frequency_weight", "adversarial_weight", "adversarial_start"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"objective.{name}: must be >= 0, got {getattr(self, name)}")
+        _positive("objective.disc_width", self.disc_width)
+        _positive("objective.disc_layers", self.disc_layers)
+
+
+@dataclass(frozen=True)
+class SSLObjectiveConfig:
+    """Task ssl (synthgen.encoders.ssl): SimCLR (NT-Xent at ``temperature``) or DINO (EMA teacher
+    from teacher_momentum, cosine to 1; student at ``temperature``, 0.1 in the paper; teacher
+    sharpened at teacher_temperature over dino_prototypes; local_crops small student views).
+    View augmentation: HED stain jitter bounds (0 = off) and the probability of a Gaussian blur."""
+
     temperature: float = 0.2
     ssl_method: Literal["simclr", "dino"] = "simclr"
     teacher_temperature: float = 0.04
@@ -269,55 +331,24 @@ class ObjectiveConfig:
     blur: float = 0.0
 
     def __post_init__(self):
-        _positive("objective.num_train_timesteps", self.num_train_timesteps)
-        for name in ("cfg_dropout", "cfg_dropout_embeddings", "cfg_dropout_labels", "cfg_dropout_sources",
-                     "cfg_dropout_image"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"objective.{name}: must be in [0, 1), got {getattr(self, name)}")
-        for name in ("kl_weight", "gradient_weight", "frequency_weight", "adversarial_weight", "adversarial_start"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"objective.{name}: must be >= 0, got {getattr(self, name)}")
-        _positive("objective.disc_width", self.disc_width)
-        _positive("objective.disc_layers", self.disc_layers)
         _positive("objective.temperature", self.temperature)
         _positive("objective.teacher_temperature", self.teacher_temperature)
         _positive("objective.dino_prototypes", self.dino_prototypes)
-        if not 0 <= self.teacher_momentum < 1:
-            raise ConfigError(f"objective.teacher_momentum: must be in [0, 1), got {self.teacher_momentum}")
+        _probability("objective.teacher_momentum", self.teacher_momentum)
         if self.local_crops < 0 or self.hed_shift < 0:
             raise ConfigError("objective.local_crops, objective.hed_shift: must be >= 0, got "
                               f"{self.local_crops}, {self.hed_shift}")
-        if not 0 <= self.hed_scale < 1:
-            raise ConfigError(f"objective.hed_scale: must be in [0, 1), got {self.hed_scale}")
-        if not 0 <= self.blur <= 1:
-            raise ConfigError(f"objective.blur: a probability in [0, 1], got {self.blur}")
+        _probability("objective.hed_scale", self.hed_scale)
+        _probability("objective.blur", self.blur, closed=True)
 
 
-_DIFFUSION_TASKS = ("denoiser", "controlnet", "stain_denoiser", "consistency")
-# objective fields -> the tasks that read them (a field not listed here is read by every task)
-OBJECTIVE_FIELDS_OF: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("kind", "timesteps", "num_train_timesteps", "beta_schedule", "cfg_dropout_embeddings",
-     "cfg_dropout_labels", "cfg_dropout_sources"): _DIFFUSION_TASKS,
-    ("cfg_dropout",): (*_DIFFUSION_TASKS, "prior", "translator"),
-    ("cfg_dropout_image",): ("stain_denoiser",),
-    ("distill_guidance", "distill_skip", "huber_c", "distill_target_decay"): ("consistency",),
-    ("kl_weight", "gradient_weight", "frequency_weight", "adversarial_weight", "adversarial_start",
-     "disc_width", "disc_layers"): ("vae",),
-    ("temperature", "ssl_method", "teacher_temperature", "teacher_momentum", "dino_prototypes",
-     "local_crops", "hed_scale", "hed_shift", "blur"): ("ssl",),
+TASKS = ("denoiser", "controlnet", "vae", "ssl", "prior", "translator", "stain_denoiser", "consistency")
+# task -> the class of its objective section
+OBJECTIVE_OF: dict[str, type] = {
+    "denoiser": DiffusionObjectiveConfig, "controlnet": DiffusionObjectiveConfig, "stain_denoiser": StainObjectiveConfig,
+    "consistency": ConsistencyObjectiveConfig, "vae": VAEObjectiveConfig, "ssl": SSLObjectiveConfig,
+    "prior": GuidedObjectiveConfig, "translator": GuidedObjectiveConfig,
 }
-
-
-def _check_objective_fields(task: str, objective: ObjectiveConfig) -> None:
-    """A field set away from its default for a task that never reads it is a misplaced setting."""
-    default = ObjectiveConfig()
-    for names, tasks in OBJECTIVE_FIELDS_OF.items():
-        if task in tasks:
-            continue
-        for name in names:
-            if getattr(objective, name) != getattr(default, name):
-                raise ConfigError(f"objective.{name}: task {task} does not read it (it applies to task "
-                                  f"{' / '.join(tasks)}); remove it")
 
 
 @dataclass(frozen=True)
@@ -355,12 +386,13 @@ class LoraConfig:
 class TrainConfig:
     """A training run. Load from YAML with :func:`load_train_config`."""
 
-    task: Literal["denoiser", "controlnet", "vae", "ssl", "prior", "translator", "stain_denoiser", "consistency"]
+    task: Literal[TASKS]
     output_dir: str
     steps: int
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # the task's objective class (OBJECTIVE_OF[task]); a mapping or None is built into it
+    objective: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     seed: int = 0
@@ -382,7 +414,17 @@ class TrainConfig:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.sample_every < 0:
             raise ConfigError(f"sample_every: must be >= 0, got {self.sample_every}")
-        _check_objective_fields(self.task, self.objective)
+        cls = OBJECTIVE_OF[self.task]
+        if isinstance(self.objective, dict):
+            allowed = [f.name for f in dataclasses.fields(cls)]
+            for name in self.objective:
+                if name not in allowed:
+                    raise ConfigError(f"objective.{name}: task {self.task} does not read it (its objective fields: "
+                                      f"{', '.join(allowed)})")
+        if self.objective is None or isinstance(self.objective, dict):
+            object.__setattr__(self, "objective", from_dict(cls, self.objective or {}, "objective"))
+        elif type(self.objective) is not cls:
+            raise ConfigError(f"objective: task {self.task} takes a {cls.__name__}, got {type(self.objective).__name__}")
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_encoders import color_tokens, pooled_latents
 
-from synthgen.config import ConfigError, load_train_config
+from synthgen.config import ConfigError, load_train_config, to_dict
 from synthgen.data.cache import build_cache
 from synthgen.data.datasets import PatchDataset
 from synthgen.data.slides import Slide
@@ -138,7 +139,6 @@ def test_sigterm_leaves_resumable_checkpoint(cache, tmp_path):
 def test_two_process_gloo_run_keeps_ranks_identical(cache, tmp_path):
     cfg = denoiser_cfg(cache, tmp_path / "ddp", steps=6, optim={"batch_size": 8}, checkpoint_every=3)
     cfg_file = tmp_path / "cfg.json"
-    from synthgen.config import to_dict
 
     cfg_file.write_text(json.dumps(to_dict(cfg)))
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
@@ -162,7 +162,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(cache, tmp_path):
     ({"data": {"cache": "/nonexistent/cache"}}, r"/nonexistent/cache: no index\.json"),
     ({"optim": {"batch_size": 100000}}, r"optim\.batch_size: 100000 per process is more than"),
     ({"model": {"overrides": {"caption_num_tokens": 3}}}, r"model: cannot build the denoiser.*square"),
-    ({"objective": {"kl_weight": 1e-3}}, r"objective\.kl_weight: task denoiser does not read it \(it applies to task vae\)"),
+    ({"objective": {"kl_weight": 1e-3}}, r"objective\.kl_weight: task denoiser does not read it \(its objective fields: cfg_dropout, kind,"),
     ({"objective": {"distill_skip": 10}}, r"objective\.distill_skip: task denoiser does not read it"),
 ])
 def test_invalid_configs_fail_clearly(cache, tmp_path, over, match):
@@ -171,14 +171,36 @@ def test_invalid_configs_fail_clearly(cache, tmp_path, over, match):
 
 
 def test_objective_fields_belong_to_their_tasks():
-    """A field read by other tasks only is refused when set; left at its default it is not."""
+    """Each task has its own objective class: a field of another task's is refused, even at its
+    default, naming the fields the task reads; a saved config reads back as the same config."""
+    from synthgen.config import (
+        OBJECTIVE_OF,
+        TASKS,
+        ConsistencyObjectiveConfig,
+        VAEObjectiveConfig,
+        from_dict,
+    )
+
     base = {"output_dir": "x", "steps": 1}
-    with pytest.raises(ConfigError, match=r"objective\.kind: task vae does not read it"):
-        load_train_config(None, {**base, "task": "vae", "objective": {"kind": "flow"}})
+    with pytest.raises(ConfigError, match=r"objective\.kind: task vae does not read it \(its objective fields: kl_weight"):
+        load_train_config(None, {**base, "task": "vae", "objective": {"kind": "epsilon"}})
     with pytest.raises(ConfigError, match=r"objective\.temperature: task prior"):
         load_train_config(None, {**base, "task": "prior", "objective": {"temperature": 0.5}})
+    with pytest.raises(ConfigError, match=r"objective\.cfg_dropout_image: task denoiser"):
+        load_train_config(None, {**base, "task": "denoiser", "objective": {"cfg_dropout_image": 0.1}})
     assert load_train_config(None, {**base, "task": "prior", "objective": {"cfg_dropout": 0.2}}).objective.cfg_dropout == 0.2
     assert load_train_config(None, {**base, "task": "ssl", "objective": {"blur": 0.5}}).objective.blur == 0.5
+    cons = load_train_config(None, {**base, "task": "consistency", "objective": {"kind": "v_prediction"}})
+    assert type(cons.objective) is ConsistencyObjectiveConfig and cons.objective.distill_target_decay == 0.95
+    assert set(OBJECTIVE_OF) == set(TASKS)
+    for task in TASKS:
+        cfg = load_train_config(None, {**base, "task": task})
+        assert type(cfg.objective) is OBJECTIVE_OF[task]
+        assert from_dict(type(cfg), to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match=r"objective: task denoiser takes a DiffusionObjectiveConfig, got VAEObjectiveConfig"):
+        dataclasses.replace(cons, task="denoiser", objective=VAEObjectiveConfig())
+    with pytest.raises(ConfigError, match=r"objective\.cfg_dropout: must be in \[0, 1\)"):
+        load_train_config(None, {**base, "task": "translator", "objective": {"cfg_dropout": 1.0}})
 
 
 def test_missing_config_fields():

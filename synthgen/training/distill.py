@@ -64,18 +64,10 @@ class ConsistencyTask(DenoiserTask):
     def __init__(self, cfg):
         if not cfg.model.pretrained:
             raise ConfigError("task consistency: model.pretrained must name the teacher (a pipeline or denoiser folder)")
-        if cfg.objective.kind not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"task consistency: objective.kind must be the teacher's epsilon or v_prediction, "
-                              f"got {cfg.objective.kind}")
         if cfg.lora.rank:
             raise ConfigError("task consistency: trains the whole student; remove lora.rank")
-        o = cfg.objective
-        if not 0 <= o.distill_target_decay < 1:
-            raise ConfigError(f"objective.distill_target_decay: must be in [0, 1), got {o.distill_target_decay}")
-        if o.distill_skip < 1 or o.num_train_timesteps % o.distill_skip:
-            raise ConfigError(f"objective.distill_skip: must divide num_train_timesteps ({o.num_train_timesteps}), "
-                              f"got {o.distill_skip}")
         super().__init__(cfg)
+        o = cfg.objective  # ConsistencyObjectiveConfig: kind, skip and decay checked there
         teacher = self._pretrained_denoiser().eval().requires_grad_(False)
         self._frozen["teacher"] = teacher
         from diffusers import DDPMScheduler

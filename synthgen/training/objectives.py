@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from synthgen.config import ObjectiveConfig
+from synthgen.config import DiffusionObjectiveConfig
 
 
 class DiffusionObjective:
     """Loss of a denoiser on clean latents, with all randomness from an explicit generator."""
 
-    def __init__(self, cfg: ObjectiveConfig):
+    def __init__(self, cfg: DiffusionObjectiveConfig):
         self.cfg = cfg
         self.T = cfg.num_train_timesteps
         if cfg.kind != "flow":

@@ -241,7 +241,8 @@ class DenoiserTask(Task):
         probability (no extra draws when those are 0, so older configs train exactly as before)."""
         o = self.cfg.objective
         each = {"embeddings": o.cfg_dropout_embeddings, "class_labels": o.cfg_dropout_labels,
-                "source_labels": o.cfg_dropout_sources, "source_latents": o.cfg_dropout_image}
+                "source_labels": o.cfg_dropout_sources,
+                "source_latents": getattr(o, "cfg_dropout_image", 0.0)}  # stain_denoiser only
         if not (o.cfg_dropout > 0 or any(each[k] > 0 for k in conds if k in each)):
             return None
         every = (torch.rand(n, generator=generator) < o.cfg_dropout) if o.cfg_dropout > 0 else torch.zeros(n, dtype=torch.bool)
