@@ -210,12 +210,14 @@ def run(pipeline: Path, out: Path, split: str = "test", data: Path = REPO / "run
         return list(ims)
 
     rows = [("real", [real[i] for i in pick])] + [(k, [v[0][i] for i in pick]) for k, v in sets.items() if v]
-    if mask_images and "mask alone" in mask_images:
-        rows += [("real + mask", outline(hwc(m_real[mpick]), m_masks[mpick])),
-                 ("mask + emb", outline(mask_images["mask + embedding"][mpick], m_masks[mpick])),
-                 ("mask alone", outline(mask_images["mask alone"][mpick], m_masks[mpick]))]
-        rows += [(k.replace("mask + embedding @ ", "m+e "), list(v[mpick])) for k, v in mask_images.items()
-                 if k.startswith("mask + embedding @")]  # the other strengths, without outlines
+    if mask_images:  # outlined: the real tile and both arms at the first strength; the other strengths plain
+        at = "" if mask_scales[0] == 1.0 else f" @ scale {mask_scales[0]:g}"
+        first = (f"mask + embedding{at}", f"mask alone{at}")
+        rows += [("real + mask", outline(hwc(m_real[mpick]), m_masks[mpick]))]
+        rows += [(k.replace("mask + embedding", "mask + emb").replace(" @ scale ", " @"),
+                  outline(mask_images[k][mpick], m_masks[mpick])) for k in first]
+        rows += [(k.replace("mask + embedding @ scale ", "m+e @"), list(v[mpick])) for k, v in mask_images.items()
+                 if k.startswith("mask + embedding") and k != first[0]]
     image_grid(rows, tile=128).save(out / "grid.png")
     for k, v in ((k, v) for k, v in sets.items() if v):  # the first seed's images, for looking at
         d = out / k
