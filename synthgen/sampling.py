@@ -26,9 +26,15 @@ SAMPLERS = ("dpm++", "ddim", "euler", "flow-euler")
 # exceed 4.5 in 0.016% of their values; the runaway latents it prevents reached 30-55.
 CLIP_DENOISED = 4.5
 
+# The beta range of the noise schedule every diffusion objective here trains with: DDPM's linear
+# 1e-4 to 0.02 (Ho et al. 2020), the default of diffusers' DDPM, DDIM, DPM-Solver and Euler
+# schedulers but not of its LCMScheduler (0.00085 to 0.012, Stable Diffusion's), so it is passed
+# explicitly wherever a scheduler is built.
+BETA_START, BETA_END = 1e-4, 0.02
+
 
 def make_scheduler(prediction: str, sampler: str = "dpm++", num_train_timesteps: int = 1000,
-                   beta_schedule: str = "linear"):
+                   beta_schedule: str = "linear", beta_start: float = BETA_START, beta_end: float = BETA_END):
     """A diffusers scheduler matching how the model was trained.
 
     Args:
@@ -45,7 +51,8 @@ def make_scheduler(prediction: str, sampler: str = "dpm++", num_train_timesteps:
 
     if prediction == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
-    common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction)
+    common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction,
+                  beta_start=beta_start, beta_end=beta_end)
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
     if sampler == "ddim":
@@ -71,7 +78,8 @@ def scheduler_for(scheduler, sampler: str | None = None):
         return scheduler
     cfg = scheduler.config
     return make_scheduler(prediction_of(scheduler), sampler, cfg.get("num_train_timesteps", 1000),
-                          cfg.get("beta_schedule", "linear"))
+                          cfg.get("beta_schedule", "linear"), cfg.get("beta_start", BETA_START),
+                          cfg.get("beta_end", BETA_END))
 
 
 def _bounds(clip, channels: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

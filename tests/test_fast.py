@@ -238,6 +238,24 @@ def test_add_fast_refuses_what_is_not_a_student(fast_pipe, tmp_path):
         add_fast_variant(tmp_path, folder / "fast_transformer")
 
 
+def test_fast_scheduler_keeps_the_teachers_noise_levels(student, fast_pipe, tmp_path):
+    """The student samples at the noise levels it was trained on (LCMScheduler's own default betas
+    are Stable Diffusion's, not the DDPM ones every synthgen objective uses); add-fast refuses a
+    student whose scheduler says otherwise."""
+    from synthgen.pipelines.fast import add_fast_variant
+
+    pipe, folder = fast_pipe
+    assert torch.allclose(pipe.fast_scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
+    shipped = SynthPipeline.from_pretrained(SMALL)
+    assert torch.allclose(shipped.fast_scheduler.alphas_cumprod, shipped.scheduler.alphas_cumprod)
+    bad = tmp_path / "student"
+    shutil.copytree(student[0], bad)
+    sched = json.loads((bad / "scheduler" / "scheduler_config.json").read_text())
+    (bad / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "beta_start": 0.00085, "beta_end": 0.012}))
+    with pytest.raises(CheckpointError, match=r"noise schedule differs .*beta_start 0.00085 vs 0.0001"):
+        add_fast_variant(_plain_copy(tmp_path / "p"), bad)
+
+
 def test_student_is_stored_in_half_precision_and_loads_as_float32(student, fast_pipe, plain_pipe, tmp_path):
     from safetensors.torch import load_file
 

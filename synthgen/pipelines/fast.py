@@ -54,6 +54,7 @@ def add_fast_variant(pipeline: str | os.PathLike, student: str | os.PathLike, st
     differ = [k for k in _SAME if cfg.get(k, defaults[k]) != base.get(k, defaults[k])]  # older configs: defaults
     if differ:
         raise CheckpointError(f"{student}: differs from {pipeline}/transformer in {', '.join(differ)}")
+    _check_noise_schedule(student / "scheduler", pipeline / "scheduler")
     for src, name in ((student, "fast_transformer"), (student / "scheduler", "fast_scheduler")):
         with atomic_dir(pipeline / name) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True,
@@ -65,6 +66,32 @@ def add_fast_variant(pipeline: str | os.PathLike, student: str | os.PathLike, st
     index.update(fast_transformer=["synthgen.models.denoiser", "Denoiser"], fast_scheduler=["diffusers", sched_cls])
     atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return pipeline
+
+
+def _check_noise_schedule(student_sched: Path, base_sched: Path) -> None:
+    """The student samples with the noise levels its teacher was trained on: the same
+    ``alphas_cumprod`` from both schedulers' configs (a scheduler class's own default betas differ:
+    diffusers' LCMScheduler defaults to Stable Diffusion's)."""
+    import diffusers
+    import torch
+
+    scheds = []
+    for folder in (student_sched, base_sched):
+        try:
+            cfg = json.loads((folder / "scheduler_config.json").read_text())
+            scheds.append(getattr(diffusers, cfg["_class_name"]).from_pretrained(folder))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{folder}: cannot read the scheduler ({e})") from e
+    a, b = (getattr(s, "alphas_cumprod", None) for s in scheds)
+    if a is None or b is None:  # a flow-matching pipeline has no DDPM noise schedule to compare
+        return
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-7):
+        ca, cb = (dict(s.config) for s in scheds)
+        fields = [k for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas")
+                  if ca.get(k) != cb.get(k)]
+        raise CheckpointError(f"{student_sched}: its noise schedule differs from {base_sched}'s "
+                              f"({', '.join(f'{k} {ca.get(k)} vs {cb.get(k)}' for k in fields) or 'alphas_cumprod'}); "
+                              "the student would sample at noise levels it was not trained on")
 
 
 def _to_half(folder: Path) -> None:

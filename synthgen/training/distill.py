@@ -53,7 +53,11 @@ def lcm_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear"
     """The ``LCMScheduler`` a student of this task samples with."""
     from diffusers import LCMScheduler
 
+    from synthgen.sampling import BETA_END, BETA_START
+
+    # the teacher's betas: LCMScheduler's own defaults are Stable Diffusion's, not the ones trained with
     return LCMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                        beta_start=BETA_START, beta_end=BETA_END,
                         prediction_type=prediction, original_inference_steps=num_train_timesteps // skip,
                         timestep_scaling=TIMESTEP_SCALING, clip_sample=False, set_alpha_to_one=True)
 
@@ -72,7 +76,10 @@ class ConsistencyTask(DenoiserTask):
         self._frozen["teacher"] = teacher
         from diffusers import DDPMScheduler
 
-        sched = DDPMScheduler(num_train_timesteps=o.num_train_timesteps, beta_schedule=o.beta_schedule)
+        from synthgen.sampling import BETA_END, BETA_START
+
+        sched = DDPMScheduler(num_train_timesteps=o.num_train_timesteps, beta_schedule=o.beta_schedule,
+                              beta_start=BETA_START, beta_end=BETA_END)
         self.register_buffer("alphas_cumprod", sched.alphas_cumprod.float(), persistent=False)
         self.target = None  # the EMA target: a submodule, so checkpoints hold it
         if o.distill_target_decay > 0:

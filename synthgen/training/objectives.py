@@ -29,7 +29,10 @@ class DiffusionObjective:
         if cfg.kind != "flow":
             from diffusers import DDPMScheduler
 
+            from synthgen.sampling import BETA_END, BETA_START
+
             self.scheduler = DDPMScheduler(num_train_timesteps=self.T, beta_schedule=cfg.beta_schedule,
+                                           beta_start=BETA_START, beta_end=BETA_END,
                                            prediction_type=cfg.kind)
 
     def sample_t(self, n: int, generator: torch.Generator) -> torch.Tensor:
