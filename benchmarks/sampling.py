@@ -63,6 +63,31 @@ def run(pipeline: Path = DEFAULT_PIPELINE, cache: Path | None = None, holdout: P
                     None if cache is not None else train_tiles)
 
 
+class _NullLabels(torch.nn.Module):
+    """The stock pipeline's view of a denoiser that also takes class or source labels (the v2
+    default): the embedding tokens as PixArt's ``encoder_hidden_states``, the labels at their
+    learned nulls, as ``SynthPipeline`` samples when given embeddings alone."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.config = net, net.config
+
+    @property
+    def dtype(self):
+        return self.net.dtype
+
+    @property
+    def device(self):
+        return self.net.device
+
+    def forward(self, hidden_states, *args, **kwargs):
+        nulls = self.net.null_conditions(len(hidden_states), device=hidden_states.device)
+        labels = {k: nulls[k] for k in ("class_labels", "source_labels") if k in nulls}
+        if labels:  # the label tokens lengthen the condition: the stock all-ones mask no longer fits
+            kwargs.pop("encoder_attention_mask", None)
+        return self.net(hidden_states, *args, **labels, **kwargs)
+
+
 def _run(args, train_tiles) -> dict:
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
@@ -85,7 +110,7 @@ def _run(args, train_tiles) -> dict:
             emb = pipe.image_encoder(torch.stack([tiles[i]["image"] for i in idx])).float()
     size = pipe.image_size
 
-    stock = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, transformer=pipe.transformer, vae=pipe.vae,
+    stock = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, transformer=_NullLabels(pipe.transformer), vae=pipe.vae,
                                 scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))
     stock.set_progress_bar_config(disable=True)
     null = pipe.transformer.null_conditions(1)["embeddings"].detach()
