@@ -1,5 +1,6 @@
 """Cost of on-the-fly synthetic augmentation in a training loop: a small CNN classifier trained
-on real 64 px tiles of the bundled slide, with and without ``SynthAugment`` at 25% synthetic
+on real tiles of the bundled slide (at the pipeline's scale and size: 64 px at 1 um/px for the
+small pipeline, 128 px at 0.5 um/px for v2), with and without ``SynthAugment`` at 25% synthetic
 (the default small pipeline, variation mode, ``PipelineGenerator``'s default sampling: its few-step
 variant at 4 steps where the pipeline ships one, else 8 DPM-Solver++ steps; bf16 autocast where
 the CPU has native bf16), same loader settings, one
@@ -88,10 +89,14 @@ def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int
     from synthgen.augment import PipelineGenerator, SynthAugment, SynthPolicy
     from synthgen.data.slides import Slide
     from synthgen.data.tiling import TileSpec, tile_slide, write_tile_table
+    from synthgen.pipelines.generate import SynthPipeline
 
+    scale = SynthPipeline.from_pretrained(args.pipeline)  # tiles at the pipeline's own scale and size
+    mpp, size = scale.mpp or 1.0, scale.image_size
+    del scale
     with tempfile.TemporaryDirectory() as tmp:
         with Slide(SAMPLE_SLIDE) as s:
-            tiles = tile_slide(s, TileSpec(mpp=1.0, size=64, overlap=32), key="cmu")
+            tiles = tile_slide(s, TileSpec(mpp=mpp, size=size, overlap=size // 2), key="cmu")
         write_tile_table(tiles, Path(tmp) / "t.csv", {"cmu": {"path": str(SAMPLE_SLIDE)}})
         real = LabelledTiles(Path(tmp) / "t.csv")
         labels = [real[i][1] for i in range(len(real))]
@@ -124,7 +129,7 @@ def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int
             with_background = train_rate(filled, args.steps, args.batch_size, args.workers, order=order)
         by_background = fill.made
     ref = (base + base_again) / 2  # the cached run sits between the two reference runs
-    return {"share": float(share), "workers": args.workers, "batch_size": args.batch_size, "sampling": sampling,
+    return {"tile_size": size, "mpp": mpp, "share": float(share), "workers": args.workers, "batch_size": args.batch_size, "sampling": sampling,
             "real_samples_per_s": base, "augmented_samples_per_s": with_synth, "ratio": with_synth / base,
             "base8_fp32_samples_per_s": with_old, "base8_fp32_ratio": with_old / base,
             "real_again_samples_per_s": base_again, "cached_samples_per_s": with_cache,
@@ -156,7 +161,7 @@ def main() -> None:
     r = run(**vars(args))
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; {args.workers} loader workers, "
-          f"batch {args.batch_size}, small CNN classifier, 64 px tiles")
+          f"batch {args.batch_size}, small CNN classifier, {r['tile_size']} px tiles at {r['mpp']} um/px")
     print(f"real only:                    {r['real_samples_per_s']:8.1f} samples/s")
     print(f"with SynthAugment ({r['share']:.0%} synthetic, {r['sampling']}): {r['augmented_samples_per_s']:8.1f} samples/s")
     print(f"ratio with / without: {r['ratio']:.3f} (overhead {100 * (1 - r['ratio']):.0f}%)")
