@@ -78,10 +78,11 @@ def train_rate(dataset, steps: int, batch_size: int, workers: int, order: list[i
 
 
 def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int = 30, batch_size: int = 32,
-        workers: int = 2) -> dict:
+        workers: int = 2, gen_steps: int | None = None) -> dict:
     """Training samples/s without SynthAugment, with it generating on the fly and with it reading a
     pre-generated cache; their ratios and ``summary`` rows."""
-    args = argparse.Namespace(pipeline=Path(pipeline), steps=steps, batch_size=batch_size, workers=workers)
+    args = argparse.Namespace(pipeline=Path(pipeline), steps=steps, batch_size=batch_size, workers=workers,
+                              gen_steps=gen_steps)
 
     import tempfile
 
@@ -100,7 +101,7 @@ def run(pipeline: Path = REPO / "checkpoints" / "synthgen-small-cmu", steps: int
         write_tile_table(tiles, Path(tmp) / "t.csv", {"cmu": {"path": str(SAMPLE_SLIDE)}})
         real = LabelledTiles(Path(tmp) / "t.csv")
         labels = [real[i][1] for i in range(len(real))]
-        gen = PipelineGenerator(str(args.pipeline), mode="variations")
+        gen = PipelineGenerator(str(args.pipeline), mode="variations", num_inference_steps=args.gen_steps)
         sampling = (f"{gen.num_inference_steps} steps"
                     + (", few-step variant" if (args.pipeline / "fast_transformer").is_dir()
                        and gen.num_inference_steps <= 4 else "") + f", {gen.compute_dtype}")
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--gen-steps", type=int, default=None,
+                    help="sampling steps of the on-the-fly generator (default: PipelineGenerator's own)")
     args = ap.parse_args()
     r = run(**vars(args))
 
