@@ -415,14 +415,13 @@ class TrainConfig:
         if self.sample_every < 0:
             raise ConfigError(f"sample_every: must be >= 0, got {self.sample_every}")
         cls = OBJECTIVE_OF[self.task]
-        if isinstance(self.objective, dict):
-            allowed = [f.name for f in dataclasses.fields(cls)]
-            for name in self.objective:
+        if self.objective is None or isinstance(self.objective, dict):
+            data, allowed = self.objective or {}, [f.name for f in dataclasses.fields(cls)]
+            for name in data:  # from_dict would refuse it too, without saying that it is another task's
                 if name not in allowed:
                     raise ConfigError(f"objective.{name}: task {self.task} does not read it (its objective fields: "
                                       f"{', '.join(allowed)})")
-        if self.objective is None or isinstance(self.objective, dict):
-            object.__setattr__(self, "objective", from_dict(cls, self.objective or {}, "objective"))
+            object.__setattr__(self, "objective", from_dict(cls, data, "objective"))
         elif type(self.objective) is not cls:
             raise ConfigError(f"objective: task {self.task} takes a {cls.__name__}, got {type(self.objective).__name__}")
 
