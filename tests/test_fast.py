@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from cli_helpers import run_cli
-from conftest import SMALL
+from conftest import SMALL, V2
 
 from synthgen.config import ConfigError, load_train_config
 from synthgen.errors import CheckpointError
@@ -226,6 +226,31 @@ def test_generate_fast_cli_and_augment_default(fast_pipe, plain_pipe, tmp_path, 
     assert PipelineGenerator(folder, strength=0.5).num_inference_steps == 8  # anchored: the base model
     assert PipelineGenerator(plain_pipe).num_inference_steps == 8
     assert PipelineGenerator(SMALL).num_inference_steps == SynthPipeline.FAST_MAX_STEPS  # the shipped variant
+
+
+def test_add_fast_records_the_chosen_default_step_count(student, tmp_path, capsys):
+    from synthgen.augment import PipelineGenerator
+    from synthgen.cli import main
+
+    folder = _plain_copy(tmp_path / "p")
+    run_cli(["add-fast", str(folder), str(student[0]), "--steps", "2"])
+    assert json.loads((folder / "model_index.json").read_text())["fast_steps"] == 2
+    assert SynthPipeline.from_pretrained(folder).default_fast_steps == 2
+    assert PipelineGenerator(folder).num_inference_steps == 2
+    run_cli(["generate", str(folder), "-o", str(tmp_path / "g"), "-n", "1", "--mode", "variations", "--fast"])
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["num_inference_steps"] == 2
+    # a replaced variant's count does not carry over to the new one
+    run_cli(["add-fast", str(folder), str(student[0])])
+    assert "fast_steps" not in json.loads((folder / "model_index.json").read_text())
+    assert PipelineGenerator(folder).num_inference_steps == SynthPipeline.FAST_MAX_STEPS
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["add-fast", str(folder), str(student[0]), "--steps", "5"])
+    assert "Invalid value for '--steps'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fast_steps must be a whole number of steps in 1-4"):
+        SynthPipeline(transformer=None, vae=None, scheduler=None, fast_steps=0)
+    # the shipped default pipeline's variant samples in 2 steps (chosen on validation tiles)
+    assert PipelineGenerator(V2).num_inference_steps == 2
 
 
 def test_add_fast_refuses_what_is_not_a_student(fast_pipe, tmp_path):

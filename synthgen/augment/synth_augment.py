@@ -77,9 +77,10 @@ class PipelineGenerator:
             sample's embedding when the model takes one; for datasets with masks, which the
             synthetic item keeps).
         guidance_scale, num_inference_steps: sampling settings. ``num_inference_steps`` None
-            (default): the pipeline's few-step variant at ``SynthPipeline.FAST_MAX_STEPS`` steps
-            where it has one and the mode allows (``variation`` at strength 1, ``class``,
-            ``prior``, at its folded guidance), else 8 steps of the base model.
+            (default): the pipeline's few-step variant at its recorded step count
+            (``fast_steps`` in ``model_index.json``, else ``SAMPLING.fast_steps``) where it has
+            one and the mode allows (``variation`` at strength 1, ``class``, ``prior``, at its
+            folded guidance), else 8 steps of the base model.
         classes: ``prior`` mode: how dataset class ids map to the prior's classes; a list of the
             dataset's class names (``ImageListDataset.classes``; matched to the prior's
             ``class_names`` case-insensitively, a leading ``01_``-style number ignored) or a dict
@@ -239,17 +240,17 @@ class PipelineGenerator:
 
 def _fast_steps(pipeline, mode: str, strength: float, guidance_scale: float) -> int | None:
     """Steps of the pipeline's few-step variant when it can serve this generator, else None."""
-    from synthgen.pipelines.generate import SynthPipeline
-
     if mode == "mask" or strength != 1:
         return None
-    steps = SynthPipeline.FAST_MAX_STEPS
     if not isinstance(pipeline, (str, os.PathLike)):  # loaded: the pipeline decides
+        steps = pipeline.default_fast_steps
         return None if pipeline.fast_unavailable(steps, guidance_scale, strength=strength) else steps
     # a folder, not loaded yet (each worker loads its own): the same checks, from its files
     cfg_path = Path(pipeline) / "fast_transformer" / "config.json"
     if not (cfg_path.is_file() and (Path(pipeline) / "fast_scheduler").is_dir()):
         return None
+    index = Path(pipeline) / "model_index.json"
+    steps = (json.loads(index.read_text()).get("fast_steps") if index.is_file() else None) or SAMPLING.fast_steps
     folded = json.loads(cfg_path.read_text()).get("distilled_guidance_scale")
     return None if folded is not None and abs(folded - guidance_scale) > 1e-6 else steps
 

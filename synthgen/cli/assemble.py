@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from synthgen.cli.options import mpp_option
+from synthgen.config import SAMPLING
 
 
 @click.command()
@@ -71,11 +72,16 @@ def _cache_mpp(cache_dir) -> float | None:
 @click.argument("student", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--storage-dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Precision the student's weights are stored in (loaded back as float32).")
-def add_fast(pipeline, student, storage_dtype):
+@click.option("--steps", type=click.IntRange(1, SAMPLING.fast_steps), default=None,
+              help="The variant's default step count, recorded in model_index.json (fast_steps) and used by "
+                   "`synthgen generate --fast` and SynthAugment; choose it on validation tiles "
+                   f"[default: {SAMPLING.fast_steps}].")
+def add_fast(pipeline, student, storage_dtype, steps):
     """Add STUDENT, a few-step model from `synthgen train` (task: consistency; its `model/`
     folder), to PIPELINE as its fast variant (fast_transformer/, fast_scheduler/): then
     `synthgen generate --fast` and calls with 1-4 steps sample with it."""
     from synthgen.pipelines.fast import add_fast_variant
 
-    add_fast_variant(pipeline, student, storage_dtype)
-    click.echo(f"fast variant {student} -> {pipeline}/fast_transformer, fast_scheduler")
+    add_fast_variant(pipeline, student, storage_dtype, steps)
+    click.echo(f"fast variant {student} -> {pipeline}/fast_transformer, fast_scheduler"
+               + (f" (default {steps} steps)" if steps else ""))

@@ -52,7 +52,8 @@ from synthgen.config import SAMPLING
               help="Real tiles (image folder, resized to the model's tile size, or a tile table at the model's mpp) "
                    "for the --filter realism check; its threshold is calibrated on them [default: --images].")
 @guidance_option()
-@steps_option(None, help=f"Sampling steps [default: {SAMPLING.steps}; {SAMPLING.fast_steps} with --fast]. With "
+@steps_option(None, help=f"Sampling steps [default: {SAMPLING.steps}; with --fast the variant's recorded count (fast_steps in "
+                         f"model_index.json), else {SAMPLING.fast_steps}]. With "
                          "1-4 steps a pipeline's few-step variant (fast_transformer/) is used where it applies, as "
                          "with --fast.")
 @click.option("--fast", is_flag=True,

@@ -20,20 +20,27 @@ _SAME = ("in_channels", "sample_size", "patch_size", "use_embeddings", "caption_
          "num_classes", "num_sources", "class_names", "source_names", "text_channels", "source_channels")
 
 
-def add_fast_variant(pipeline: str | os.PathLike, student: str | os.PathLike, storage_dtype: str = "fp16") -> Path:
+def add_fast_variant(pipeline: str | os.PathLike, student: str | os.PathLike, storage_dtype: str = "fp16",
+                     steps: int | None = None) -> Path:
     """Copy ``student`` (a ``task: consistency`` model folder, with its ``scheduler/``) into
     ``pipeline`` as ``fast_transformer/`` + ``fast_scheduler/`` and list them in its index.
 
     Args:
         storage_dtype: ``fp16`` (default) stores the student's floating-point weights in half
             precision; ``fp32`` copies them as they are.
+        steps: the variant's default step count (1-4; choose it on validation tiles), recorded as
+            ``fast_steps`` in ``model_index.json``; None: the global default,
+            ``SAMPLING.fast_steps`` (a count recorded for a replaced variant is dropped).
 
     Raises:
         CheckpointError: a folder that is not a pipeline or not a distilled student, or a student
             whose conditions or sizes differ from the pipeline's denoiser.
     """
+    from synthgen.pipelines.generate import check_fast_steps
+
     if storage_dtype not in ("fp16", "fp32"):
         raise ValueError(f"storage_dtype must be fp16 or fp32, got {storage_dtype!r}")
+    check_fast_steps(steps)
     pipeline, student = Path(pipeline), Path(student)
     index_path = pipeline / "model_index.json"
     if not index_path.is_file():
@@ -64,6 +71,9 @@ def add_fast_variant(pipeline: str | os.PathLike, student: str | os.PathLike, st
     index = json.loads(index_path.read_text())
     sched_cls = json.loads((student / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     index.update(fast_transformer=["synthgen.models.denoiser", "Denoiser"], fast_scheduler=["diffusers", sched_cls])
+    index.pop("fast_steps", None)  # chosen for the variant it replaces
+    if steps is not None:
+        index["fast_steps"] = int(steps)
     atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return pipeline
 

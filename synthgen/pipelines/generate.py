@@ -30,6 +30,12 @@ class SynthOutput(BaseOutput):
     seeds: list[int]
 
 
+def check_fast_steps(steps) -> None:
+    """A few-step variant's default step count is a whole number in 1-``SAMPLING.fast_steps``."""
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or not 1 <= steps <= SAMPLING.fast_steps):
+        raise ValueError(f"fast_steps must be a whole number of steps in 1-{SAMPLING.fast_steps}, got {steps!r}")
+
+
 class SynthPipeline(DiffusionPipeline):
     """Sample histopathology images from a conditioned latent diffusion model.
 
@@ -46,6 +52,9 @@ class SynthPipeline(DiffusionPipeline):
         fast_transformer, fast_scheduler: optional few-step variant: a consistency-distilled
             student of ``transformer`` with guidance folded in (``task: consistency``) and its
             ``LCMScheduler``; calls with ``num_inference_steps <= 4`` use it (see ``fast=``).
+        fast_steps: the few-step variant's default step count (1-4), chosen on validation tiles and
+            recorded by ``synthgen add-fast --steps``; ``--fast`` and ``SynthAugment`` use it
+            (None: ``SAMPLING.fast_steps``).
         mpp: the resolution (micrometres per pixel) of the tiles the model was trained on, recorded
             in ``model_index.json`` by ``synthgen assemble``; commands that read slides or large
             images (``synthgen large``, ``synthgen stain``) read them at it by default.
@@ -63,20 +72,28 @@ class SynthPipeline(DiffusionPipeline):
     FAST_MAX_STEPS = SAMPLING.fast_steps  # the few-step variant samples in 1-4 steps
 
     def __init__(self, transformer, vae, scheduler, image_encoder=None, text_encoder=None, tokenizer=None,
-                 controlnet=None, fast_transformer=None, fast_scheduler=None, mpp: float | None = None):
+                 controlnet=None, fast_transformer=None, fast_scheduler=None, mpp: float | None = None,
+                 fast_steps: int | None = None):
         super().__init__()
         if mpp is not None and not mpp > 0:
             raise ValueError(f"mpp must be a positive resolution in um/px, got {mpp}")
+        check_fast_steps(fast_steps)
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
                               text_encoder=text_encoder, tokenizer=tokenizer, controlnet=controlnet,
                               fast_transformer=fast_transformer, fast_scheduler=fast_scheduler)
-        self.register_to_config(mpp=None if mpp is None else float(mpp))
+        self.register_to_config(mpp=None if mpp is None else float(mpp),
+                                fast_steps=None if fast_steps is None else int(fast_steps))
 
     @property
     def mpp(self) -> float | None:
         """Resolution of the training tiles in um/px (None: not recorded, e.g. a pipeline assembled
         before the scale was kept)."""
         return self.config.get("mpp")
+
+    @property
+    def default_fast_steps(self) -> int:
+        """Steps the few-step variant samples with unless told (``fast_steps`` in the index)."""
+        return self.config.get("fast_steps") or SAMPLING.fast_steps
 
     def resolve_mpp(self, mpp: float | None, default: float = 1.0) -> float:
         """The resolution to read slides at: ``mpp`` when given, else the pipeline's, else ``default``."""

@@ -307,7 +307,7 @@ def generate(job: GenerateJob) -> Path | None:
     realism_source = (job.realism_ref if job.realism_ref is not None else job.images_dir) if job.use_filter else None
     state = PartialState(cpu=not torch.cuda.is_available())
     pipe = _load_pipeline(job, state.device, mask_files)
-    steps = job.steps if job.steps is not None else SAMPLING.fast_steps if job.fast else SAMPLING.steps
+    steps = job.steps if job.steps is not None else pipe.default_fast_steps if job.fast else SAMPLING.steps
     why_not_fast = pipe.fast_unavailable(steps, job.guidance, masks=mask_files, strength=job.strength,
                                          sampler=job.sampler)
     if job.fast and why_not_fast:
