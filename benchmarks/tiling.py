@@ -60,7 +60,7 @@ def _no_cache(ds) -> None:
 
 
 def run(slide: Path = DEFAULT_SLIDE, slide_mpp: float = 0.5, mpp: float = 0.5, size: int = 256, workers: int = 2,
-        batch_size: int = 32, repeats: int = 5) -> dict:
+        batch_size: int = 32, repeats: int = 10) -> dict:
     """Measure both readers; returns steady-state patches/s of each and their ratio, the worker
     start-up time and the first-pass (cold) rates, and ``summary`` rows."""
     import openslide
@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5,
+    ap.add_argument("--repeats", type=int, default=10,
                     help="timed steady-state rounds (one pass over the tiles per reader each)")
     args = ap.parse_args()
     r = run(**vars(args))

@@ -31,6 +31,9 @@ def test_read_at_level_mpp_is_pixel_exact(pyramid_tiff, level):
         for x, y in [(0, 0), (64, 256), (512, 128), (1024 - 64 * f, 1024 - 64 * f)]:
             patch = s.read(x, y, 64, mpp * f)
             np.testing.assert_array_equal(patch, ref[y // f : y // f + 64, x // f : x // f + 64])
+            chw = s.read(x, y, 64, mpp * f, channels_first=True)  # PatchDataset's one-copy path
+            assert chw.shape == (3, 64, 64) and chw.flags.c_contiguous and chw.flags.writeable
+            np.testing.assert_array_equal(chw, patch.transpose(2, 0, 1))
 
 
 def test_read_between_levels_keeps_block_colours(pyramid_tiff):
@@ -69,8 +72,11 @@ def test_out_of_bounds_is_white(pyramid_tiff):
     path, img, mpp = pyramid_tiff
     with Slide(path) as s:
         patch = s.read(1000, 1000, 64, 0.25)
+        chw = s.read(1000, 1000, 64, 0.25, channels_first=True)
     assert (patch[40:, :] == 255).all() and (patch[:, 40:] == 255).all()
     np.testing.assert_array_equal(patch[:24, :24], img[1000:, 1000:])
+    assert patch.flags.writeable and chw.flags.c_contiguous
+    np.testing.assert_array_equal(chw, patch.transpose(2, 0, 1))
 
 
 def test_plain_png_needs_mpp(tmp_path, pyramid_tiff):

@@ -108,7 +108,7 @@ class PatchDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         t = self.tiles[i]
         slide = self._slide(t.slide_key)
-        item = {"image": _to_tensor(slide.read(t.x, t.y, t.size, t.mpp)), "index": i}
+        item = {"image": torch.from_numpy(slide.read(t.x, t.y, t.size, t.mpp, channels_first=True)), "index": i}
         if self.annotation_files:
             item["mask"] = torch.from_numpy(self._mask(t, slide)).long()
         elif self.label_maps:

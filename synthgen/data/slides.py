@@ -186,16 +186,21 @@ class Slide:
         }
 
     # -- reading -------------------------------------------------------------------------
-    def read(self, x: float, y: float, size: int | tuple[int, int], mpp: float | None = None) -> np.ndarray:
+    def read(self, x: float, y: float, size: int | tuple[int, int], mpp: float | None = None,
+             channels_first: bool = False) -> np.ndarray:
         """Read a patch.
 
         Args:
             x, y: top-left corner in level-0 pixels (may be fractional).
             size: output size in pixels at ``mpp``: an int for a square or (width, height).
             mpp: output resolution in microns per pixel; level 0 when None.
+            channels_first: return (3, height, width), the layout of a torch image tensor; on a
+                slide level's own pixel grid it is made from OpenSlide's buffer in one copy
+                (what ``PatchDataset`` reads with).
 
         Returns:
-            An RGB uint8 array of shape (height, width, 3). Areas outside the slide are white.
+            An RGB uint8 array of shape (height, width, 3), or (3, height, width) with
+            ``channels_first``; C-contiguous and writeable. Areas outside the slide are white.
 
         Raises:
             SlideError: the slide data cannot be decoded (truncated or corrupt file).
@@ -212,15 +217,23 @@ class Slide:
         lx, ly = x / ds, y / ds  # top-left in level pixels
         rw, rh = w * scale / ds, h * scale / ds  # region size in level pixels
         exact = abs(rw - w) < 1e-6 and abs(rh - h) < 1e-6 and lx == int(lx) and ly == int(ly)
-        if exact:
-            return np.array(self._read_level(level, int(lx), int(ly), w, h))
-        pad = 2  # filter support at the borders
-        ix, iy = math.floor(lx) - pad, math.floor(ly) - pad
-        region = self._read_level(level, ix, iy, math.ceil(lx - ix + rw) + pad, math.ceil(ly - iy + rh) + pad)
-        box = (lx - ix, ly - iy, lx - ix + rw, ly - iy + rh)
-        # Area averaging when shrinking (what pyramid builders do), bicubic when enlarging.
-        resample = Image.Resampling.BOX if rw >= w else Image.Resampling.BICUBIC
-        return np.array(region.resize((w, h), resample=resample, box=box))
+        if exact and self._osr is not None:
+            rgba = self._read_rgba(level, int(lx), int(ly), w, h)
+            if rgba[..., 3].min() == 255:  # no transparent pixels: drop alpha in the one copy
+                return np.ascontiguousarray(rgba[..., :3].transpose(2, 0, 1) if channels_first else rgba[..., :3])
+            region = _on_white(Image.fromarray(rgba))
+        elif exact:
+            region = self._read_level(level, int(lx), int(ly), w, h)
+        else:
+            pad = 2  # filter support at the borders
+            ix, iy = math.floor(lx) - pad, math.floor(ly) - pad
+            region = self._read_level(level, ix, iy, math.ceil(lx - ix + rw) + pad, math.ceil(ly - iy + rh) + pad)
+            box = (lx - ix, ly - iy, lx - ix + rw, ly - iy + rh)
+            # Area averaging when shrinking (what pyramid builders do), bicubic when enlarging.
+            resample = Image.Resampling.BOX if rw >= w else Image.Resampling.BICUBIC
+            region = region.resize((w, h), resample=resample, box=box)
+        rgb = np.asarray(region)
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1)) if channels_first else np.array(rgb)
 
     def thumbnail(self, mpp: float) -> np.ndarray:
         """The whole slide at ``mpp`` (e.g. 8 um/px for tissue detection), RGB uint8."""
@@ -229,19 +242,7 @@ class Slide:
     def _read_level(self, level: int, ix: int, iy: int, w: int, h: int) -> Image.Image:
         """An RGB region of one level; coordinates in that level's pixels; white outside."""
         if self._osr is not None:
-            ds = self.level_downsamples[level]
-            try:
-                rgba = self._osr.read_region((int(round(ix * ds)), int(round(iy * ds))), level, (w, h))
-            except Exception as e:
-                raise SlideError(
-                    f"{self.path}: failed to read level {level} at ({ix}, {iy}) size {w}x{h} ({e}); "
-                    "the file may be truncated or corrupt"
-                ) from e
-            if rgba.getextrema()[3][0] == 255:
-                return rgba.convert("RGB")
-            out = Image.new("RGB", rgba.size, (255, 255, 255))
-            out.paste(rgba, mask=rgba.getchannel("A"))
-            return out
+            return _on_white(Image.fromarray(self._read_rgba(level, ix, iy, w, h)))
         assert self._img is not None
         W, H = self._img.size
         if ix >= 0 and iy >= 0 and ix + w <= W and iy + h <= H:
@@ -251,6 +252,17 @@ class Slide:
         if sx1 > sx0 and sy1 > sy0:
             out.paste(self._img.crop((sx0, sy0, sx1, sy1)), (sx0 - ix, sy0 - iy))
         return out
+
+    def _read_rgba(self, level: int, ix: int, iy: int, w: int, h: int) -> np.ndarray:
+        """OpenSlide's RGBA region (h, w, 4), read-only; coordinates in that level's pixels."""
+        ds = self.level_downsamples[level]
+        try:
+            return np.asarray(self._osr.read_region((int(round(ix * ds)), int(round(iy * ds))), level, (w, h)))
+        except Exception as e:
+            raise SlideError(
+                f"{self.path}: failed to read level {level} at ({ix}, {iy}) size {w}x{h} ({e}); "
+                "the file may be truncated or corrupt"
+            ) from e
 
     def associated_image(self, name: str) -> Image.Image:
         """Read an associated image (``label``, ``macro``, ``thumbnail``) on explicit request.
@@ -314,3 +326,12 @@ def _plain_image_mpp(img: Image.Image) -> float | None:
     if mpp is not None and not (_MPP_PLAUSIBLE[0] <= mpp <= _MPP_PLAUSIBLE[1]):
         return None  # a screen dpi (72, 96, 300), not a microscope resolution
     return mpp
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """An RGBA region as RGB, its transparent parts (outside the scanned area) white."""
+    if rgba.getextrema()[3][0] == 255:
+        return rgba.convert("RGB")
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
