@@ -185,8 +185,12 @@ def _train(cfg: TrainConfig, resume: str | None, stop_at: int | None, progress: 
                           f"{len(dataset) // world} samples each of the {world} process(es) gets")
     params = [p for p in net.parameters() if p.requires_grad]
     aux = task.aux_parameters()  # e.g. a discriminator: optimised, never saved with the model or averaged
-    optimizer = torch.optim.AdamW([{"params": params}, {"params": aux}] if aux else params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+    # the fused kernel (one pass over each parameter, its gradient and both moments) where torch has
+    # it: 0.43 s against 1.25 s per step for a 608 M denoiser on 2 CPU cores (BENCHMARKS.md)
+    fused = acc.device.type in ("cpu", "cuda") and acc.distributed_type.value != "DEEPSPEED"
+    optimizer = torch.optim.AdamW([{"params": params}, {"params": aux}] if aux else params, lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                                  fused=fused or None)
     lr_sched = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                              num_training_steps=cfg.steps)
     if acc.distributed_type.value == "FSDP" and cfg.ema_decay > 0:
