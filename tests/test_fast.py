@@ -249,6 +249,8 @@ def test_add_fast_records_the_chosen_default_step_count(student, tmp_path, capsy
     assert "Invalid value for '--steps'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="fast_steps must be a whole number of steps in 1-4"):
         SynthPipeline(transformer=None, vae=None, scheduler=None, fast_steps=0)
+    with pytest.raises(ValueError, match="got 'two'"):
+        SynthPipeline(transformer=None, vae=None, scheduler=None, fast_steps="two")
     # the shipped default pipeline's variant samples in 2 steps (chosen on validation tiles)
     assert PipelineGenerator(V2).num_inference_steps == 2
 

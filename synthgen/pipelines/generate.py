@@ -32,7 +32,8 @@ class SynthOutput(BaseOutput):
 
 def check_fast_steps(steps) -> None:
     """A few-step variant's default step count is a whole number in 1-``SAMPLING.fast_steps``."""
-    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or not 1 <= steps <= SAMPLING.fast_steps):
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool)
+                              or not 1 <= steps <= SAMPLING.fast_steps):
         raise ValueError(f"fast_steps must be a whole number of steps in 1-{SAMPLING.fast_steps}, got {steps!r}")
 
 
