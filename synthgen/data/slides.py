@@ -218,10 +218,11 @@ class Slide:
         rw, rh = w * scale / ds, h * scale / ds  # region size in level pixels
         exact = abs(rw - w) < 1e-6 and abs(rh - h) < 1e-6 and lx == int(lx) and ly == int(ly)
         if exact and self._osr is not None:
-            rgba = self._read_rgba(level, int(lx), int(ly), w, h)
+            region = self._read_rgba(level, int(lx), int(ly), w, h)
+            rgba = np.asarray(region)
             if rgba[..., 3].min() == 255:  # no transparent pixels: drop alpha in the one copy
                 return np.ascontiguousarray(rgba[..., :3].transpose(2, 0, 1) if channels_first else rgba[..., :3])
-            region = _on_white(Image.fromarray(rgba))
+            region = _on_white(region)
         elif exact:
             region = self._read_level(level, int(lx), int(ly), w, h)
         else:
@@ -242,7 +243,7 @@ class Slide:
     def _read_level(self, level: int, ix: int, iy: int, w: int, h: int) -> Image.Image:
         """An RGB region of one level; coordinates in that level's pixels; white outside."""
         if self._osr is not None:
-            return _on_white(Image.fromarray(self._read_rgba(level, ix, iy, w, h)))
+            return _on_white(self._read_rgba(level, ix, iy, w, h))
         assert self._img is not None
         W, H = self._img.size
         if ix >= 0 and iy >= 0 and ix + w <= W and iy + h <= H:
@@ -253,11 +254,11 @@ class Slide:
             out.paste(self._img.crop((sx0, sy0, sx1, sy1)), (sx0 - ix, sy0 - iy))
         return out
 
-    def _read_rgba(self, level: int, ix: int, iy: int, w: int, h: int) -> np.ndarray:
-        """OpenSlide's RGBA region (h, w, 4), read-only; coordinates in that level's pixels."""
+    def _read_rgba(self, level: int, ix: int, iy: int, w: int, h: int) -> Image.Image:
+        """OpenSlide's RGBA region; coordinates in that level's pixels."""
         ds = self.level_downsamples[level]
         try:
-            return np.asarray(self._osr.read_region((int(round(ix * ds)), int(round(iy * ds))), level, (w, h)))
+            return self._osr.read_region((int(round(ix * ds)), int(round(iy * ds))), level, (w, h))
         except Exception as e:
             raise SlideError(
                 f"{self.path}: failed to read level {level} at ({ix}, {iy}) size {w}x{h} ({e}); "
