@@ -13,7 +13,7 @@ from cli_helpers import run_cli
 from conftest import SMALL, V2
 
 from synthgen.config import ConfigError, load_train_config
-from synthgen.errors import CheckpointError
+from synthgen.errors import CheckpointError, SynthgenError
 from synthgen.pipelines.generate import SynthPipeline
 from synthgen.sampling import CLIP_DENOISED, sample_latents
 from synthgen.training.distill import boundary_scalings, lcm_scheduler
@@ -251,6 +251,10 @@ def test_add_fast_records_the_chosen_default_step_count(student, tmp_path, capsy
         SynthPipeline(transformer=None, vae=None, scheduler=None, fast_steps=0)
     with pytest.raises(ValueError, match="got 'two'"):
         SynthPipeline(transformer=None, vae=None, scheduler=None, fast_steps="two")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "fast_steps": 9}))  # edited by hand
+    with pytest.raises(SynthgenError, match="model_index.json: fast_steps must be a whole number"):
+        PipelineGenerator(folder)
     # the shipped default pipeline's variant samples in 2 steps (chosen on validation tiles)
     assert PipelineGenerator(V2).num_inference_steps == 2
 

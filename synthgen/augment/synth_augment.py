@@ -249,8 +249,13 @@ def _fast_steps(pipeline, mode: str, strength: float, guidance_scale: float) -> 
     cfg_path = Path(pipeline) / "fast_transformer" / "config.json"
     if not (cfg_path.is_file() and (Path(pipeline) / "fast_scheduler").is_dir()):
         return None
+    from synthgen.pipelines.generate import default_fast_steps
+
     index = Path(pipeline) / "model_index.json"
-    steps = (json.loads(index.read_text()).get("fast_steps") if index.is_file() else None) or SAMPLING.fast_steps
+    try:
+        steps = default_fast_steps(json.loads(index.read_text()) if index.is_file() else {})
+    except ValueError as e:
+        raise SynthgenError(f"{index}: {e}") from e
     folded = json.loads(cfg_path.read_text()).get("distilled_guidance_scale")
     return None if folded is not None and abs(folded - guidance_scale) > 1e-6 else steps
 

@@ -37,6 +37,13 @@ def check_fast_steps(steps) -> None:
         raise ValueError(f"fast_steps must be a whole number of steps in 1-{SAMPLING.fast_steps}, got {steps!r}")
 
 
+def default_fast_steps(index) -> int:
+    """The few-step variant's step count a pipeline's config (``model_index.json``) records, checked,
+    else ``SAMPLING.fast_steps``."""
+    check_fast_steps(index.get("fast_steps"))
+    return index.get("fast_steps") or SAMPLING.fast_steps
+
+
 class SynthPipeline(DiffusionPipeline):
     """Sample histopathology images from a conditioned latent diffusion model.
 
@@ -82,8 +89,7 @@ class SynthPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
                               text_encoder=text_encoder, tokenizer=tokenizer, controlnet=controlnet,
                               fast_transformer=fast_transformer, fast_scheduler=fast_scheduler)
-        self.register_to_config(mpp=None if mpp is None else float(mpp),
-                                fast_steps=None if fast_steps is None else int(fast_steps))
+        self.register_to_config(mpp=None if mpp is None else float(mpp), fast_steps=fast_steps)
 
     @property
     def mpp(self) -> float | None:
@@ -94,7 +100,7 @@ class SynthPipeline(DiffusionPipeline):
     @property
     def default_fast_steps(self) -> int:
         """Steps the few-step variant samples with unless told (``fast_steps`` in the index)."""
-        return self.config.get("fast_steps") or SAMPLING.fast_steps
+        return default_fast_steps(self.config)
 
     def resolve_mpp(self, mpp: float | None, default: float = 1.0) -> float:
         """The resolution to read slides at: ``mpp`` when given, else the pipeline's, else ``default``."""

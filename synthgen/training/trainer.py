@@ -190,7 +190,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop_at: int | None, progress: 
     fused = acc.device.type in ("cpu", "cuda") and acc.distributed_type.value != "DEEPSPEED"
     optimizer = torch.optim.AdamW([{"params": params}, {"params": aux}] if aux else params, lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                                  fused=fused or None)
+                                  fused=fused)
     lr_sched = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                              num_training_steps=cfg.steps)
     if acc.distributed_type.value == "FSDP" and cfg.ema_decay > 0:
