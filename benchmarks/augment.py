@@ -2,7 +2,7 @@
 on real tiles of the bundled slide (at the pipeline's scale and size: 64 px at 1 um/px for the
 small pipeline, 128 px at 0.5 um/px for v2), with and without ``SynthAugment`` at 25% synthetic
 (the default small pipeline, variation mode, ``PipelineGenerator``'s default sampling: its few-step
-variant at 4 steps where the pipeline ships one, else 8 DPM-Solver++ steps; bf16 autocast where
+variant at the pipeline's recorded step count where it ships one, else 8 DPM-Solver++ steps; bf16 autocast where
 the CPU has native bf16), same loader settings, one
 run. Two ways of getting the synthetic items: generated on the fly by the loader workers
 (uncached), and read from a disk cache that ``SynthAugment.pregenerate()`` filled before the

@@ -8,7 +8,7 @@ Routes compared on the same source tiles, seeds and steps (``synthgen.pipelines.
 - ``structure``: the translator plus the source's nuclei through the mask branch;
 - ``spatial``: the spatial translator: the IHC denoiser also sees the source tile's latents
   (``task: stain_denoiser``), with the translated embedding;
-- ``pix2pix``: ``benchmarks/pix2pix.py`` trained on the same training pairs (``--pix2pix DIR``);
+- ``pix2pix``: ``benchmarks/_pix2pix.py`` trained on the same training pairs (``--pix2pix DIR``);
 - ``oracle``: the real IHC tile's own embedding decoded (the embedding route's ceiling).
 
 Scores (``synthgen.metrics.stain.stain_report``): Pearson and Spearman correlation over patches of
@@ -200,7 +200,7 @@ def _pix2pix(folder: Path, src: np.ndarray) -> np.ndarray:
     import sys
 
     sys.path.insert(0, str(REPO))
-    from benchmarks.pix2pix import translate
+    from benchmarks._pix2pix import translate
 
     return translate(folder, src)
 
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--table", type=Path, default=TABLE, help="pair split file whose test rows to score")
     ap.add_argument("--no-table", action="store_true", help="the older single-source held-out pairs")
     ap.add_argument("--pipeline", type=Path, default=CKPT)
-    ap.add_argument("--pix2pix", type=Path, default=None, help="a benchmarks/pix2pix.py output folder")
+    ap.add_argument("--pix2pix", type=Path, default=None, help="a benchmarks/_pix2pix.py output folder")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--image-guidance", type=float, default=None)

@@ -9,8 +9,10 @@ tiles (6 down-samplings instead of 8), batch 16 instead of 1, GroupNorm instead 
 the discriminator, a fixed wall-clock budget instead of 200 epochs, inference without dropout.
 
 It lives in ``benchmarks/``, not in the package: it is the baseline synthgen's translator must beat.
+It trains the baseline and measures nothing (no headline line), hence the helper's leading underscore;
+``benchmarks/virtual_stain.py --pix2pix DIR`` scores it.
 
-    OMP_NUM_THREADS=2 python benchmarks/pix2pix.py runs/ki67/pairs -o runs/ki67/pix2pix --minutes 20
+    OMP_NUM_THREADS=2 python benchmarks/_pix2pix.py runs/ki67/pairs -o runs/ki67/pix2pix --minutes 20
 """
 
 from __future__ import annotations
