@@ -91,14 +91,20 @@ def _read(paths) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
 
 
-def _generate(args: list[str]) -> list[Path]:
+def _generate(args: list[str], reuse: bool = False) -> list[Path]:
+    """Run ``synthgen generate ARGS``; with ``reuse``, a finished output folder of the same size (its
+    manifest is written last) is read instead of generated again."""
     from synthgen.cli import main
 
+    out = Path(args[args.index("-o") + 1])
+    if reuse and (out / "manifest.json").is_file():
+        items = json.loads((out / "manifest.json").read_text())["items"]
+        if len(items) == int(args[args.index("-n") + 1]):
+            return [out / it["file"] for it in items]
     try:
         main(args)
     except SystemExit as e:
         assert e.code in (0, None), e
-    out = Path(args[args.index("-o") + 1])
     man = json.loads((out / "manifest.json").read_text())
     return [out / it["file"] for it in man["items"]]
 
@@ -111,7 +117,7 @@ def _ci(v) -> dict:
 
 def run(rare: str = "consep", n_rare: int = 8, n_common: int = 64, seeds=(0, 1, 2, 3, 4), epochs: int = 15,
         adapt_steps: int = 300, steps: int = 20, out: Path = REPO / "runs" / "rare_adapt", strength: float = 0.5,
-        pipeline: Path = V2) -> dict:
+        pipeline: Path = V2, reuse: bool = False) -> dict:
     from _data import v2_tables
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -141,17 +147,22 @@ def run(rare: str = "consep", n_rare: int = 8, n_common: int = 64, seeds=(0, 1, 
     print(f"train: {', '.join(f'{c} {len(p)}' for c, p in real_paths.items())}; test: "
           f"{', '.join(f'{c} {int((test_y == k).sum())}' for k, c in enumerate(classes))}", flush=True)
 
-    summary = adapt(AdaptJob(dataset=user, out=out / "adapted", pipeline=pipeline, steps=adapt_steps), progress=False)
+    done = out / "adapted" / "adapt.json"  # written by adapt() with the finished pipeline
+    if reuse and done.is_file() and json.loads(done.read_text())["steps"] == adapt_steps:
+        summary = json.loads(done.read_text())
+    else:
+        summary = adapt(AdaptJob(dataset=user, out=out / "adapted", pipeline=pipeline, steps=adapt_steps),
+                        progress=False)
     print(f"adapted ({time.time() - t0:.0f} s)", flush=True)
     n_syn = n_common - n_rare
     syn_adapt = {c: _generate(["generate", str(out / "adapted"), "--class", c, "-n", str(n_syn), "--steps", str(steps),
-                               "--seed", str(1 + k), "-o", str(out / f"syn_adapt_{c}")])
+                               "--seed", str(1 + k), "-o", str(out / f"syn_adapt_{c}")], reuse)
                  for k, c in enumerate(classes)}
     syn_var = _generate(["generate", str(out / "adapted"), "--images", str(user / rare), "--class", rare,
                          "--strength", str(strength), "-n", str(n_syn), "--steps", str(steps), "--seed", "11",
-                         "-o", str(out / "syn_adapt_var")])
+                         "-o", str(out / "syn_adapt_var")], reuse)
     syn_base = _generate(["generate", str(pipeline), "--images", str(user / rare), "-n", str(n_syn), "--steps", str(steps),
-                          "-o", str(out / "syn_base")])
+                          "-o", str(out / "syn_base")], reuse)
     print(f"generated ({time.time() - t0:.0f} s)", flush=True)
 
     real = {c: _read(p) for c, p in real_paths.items()}
@@ -260,9 +271,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "rare_adapt")
     ap.add_argument("--strength", type=float, default=0.5, help="SDEdit strength of the adapt_var arm")
     ap.add_argument("--pipeline", type=Path, default=V2, help="the base pipeline to adapt")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read the adapted pipeline and generated tiles a finished run left in --out (same settings) "
+                         "instead of making them again, e.g. to train the classifiers with more seeds")
     a = ap.parse_args()
     rep = run(a.rare, a.n_rare, a.n_common, tuple(a.seeds), a.epochs, a.adapt_steps, a.steps, a.out, a.strength,
-              a.pipeline)
+              a.pipeline, a.reuse)
     arms = rep["arms"]
     base = arms["oversample+aug"]["cnn_balanced_accuracy"]["mean"]
     ours = arms["adapt+aug"]["cnn_balanced_accuracy"]["mean"]  # the declared arm, not the best one
