@@ -179,6 +179,7 @@ class ModelConfig:
     pretrained: str | None = None  # a saved model folder to fine-tune or continue from
     sample_size: int | None = None  # denoiser: continue at another latent size (progressive resolution)
     freeze_encoder: bool = False  # vae: fine-tune the decoder only, keeping the latent space denoisers know
+    branch: str | None = None  # controlnet: continue this trained mask branch (a pipeline or model folder)
 
 
 @dataclass(frozen=True)

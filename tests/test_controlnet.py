@@ -174,6 +174,14 @@ def test_controlnet_trains_from_a_mask_cache(cmu, tmp_path):
     with pytest.raises(ConfigError, match="pretrained"):
         train(load_train_config(None, {**cfg, "output_dir": str(tmp_path / "bad"), "model": {"preset": "tiny"}}),
               progress=False)
+    # model.branch continues the trained branch (its weights, not a fresh copy of the base's blocks)
+    cont = {**cfg, "output_dir": str(tmp_path / "cn2"), "steps": 2, "optim": {"lr": 1e-9, "batch_size": 8},
+            "model": {"pretrained": cfg["model"]["pretrained"], "branch": str(out.output_dir / "model")}}
+    again = MaskControlNet.from_pretrained(train(load_train_config(None, cont), progress=False).output_dir / "model")
+    assert all(torch.allclose(v, cn.state_dict()[k], atol=1e-6) for k, v in again.state_dict().items())  # lr ~0
+    with pytest.raises(ConfigError, match="cannot change a continued branch"):
+        train(load_train_config(None, {**cont, "output_dir": str(tmp_path / "bad2"),
+                                       "model": {**cont["model"], "overrides": {"num_layers": 1}}}), progress=False)
 
 
 def test_paired_generation_job_and_segmentation_export(pipe, tmp_path):

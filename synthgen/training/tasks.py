@@ -381,6 +381,8 @@ class ControlNetTask(DenoiserTask):
 
     ``model.pretrained`` is the base denoiser (a pipeline folder or its ``transformer`` folder);
     ``model.overrides`` may set ``num_layers`` (copied blocks) and ``mask_classes`` (0: instance maps).
+    ``model.branch`` continues a trained branch (a pipeline folder's ``controlnet`` or a model folder)
+    instead of copying the base's blocks, e.g. over a base trained further; its config is kept.
     """
 
     def _build(self) -> nn.Module:
@@ -402,7 +404,21 @@ class ControlNetTask(DenoiserTask):
             raise ConfigError(f"data.mask_key: the cache {d.cache} has no {d.mask_key!r} entry (build it with "
                               f"-e {d.mask_key}=synthgen.data.nuclei:segmenter, or cache a dataset with masks)")
         downscale = first[d.mask_key].shape[-1] // first["latents"].shape[-1]
-        return MaskControlNet.from_denoiser(base, downscale=downscale, **m.overrides)
+        if not m.branch:
+            return MaskControlNet.from_denoiser(base, downscale=downscale, **m.overrides)
+        from synthgen.loading import component_subfolder
+
+        if m.overrides:
+            raise ConfigError(f"model.overrides: {sorted(m.overrides)} cannot change a continued branch "
+                              f"(model.branch {m.branch}); remove them")
+        net = MaskControlNet.from_pretrained(m.branch, subfolder=component_subfolder(m.branch, "controlnet"))
+        want = {"downscale": downscale, "patch_size": base.config.patch_size,
+                **{k: base.config[k] for k in ("num_attention_heads", "attention_head_dim", "cross_attention_dim")}}
+        wrong = {k: (net.config[k], v) for k, v in want.items() if net.config[k] != v}
+        if wrong or net.config.num_layers > base.config.num_layers:
+            raise ConfigError(f"model.branch: {m.branch} does not fit the base {m.pretrained} or the cache "
+                              f"({', '.join(f'{k} {a} vs {b}' for k, (a, b) in wrong.items()) or 'too many layers'})")
+        return net
 
     def dataset(self) -> Dataset:
         from synthgen.data.cache import CacheDataset
